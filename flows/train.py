@@ -1,0 +1,36 @@
+"""Train flow: for each selected model, fetch → preprocess → train → evaluate → export."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from lung_models import registry
+from tasks.data import fetch_data, preprocess_data
+from tasks.training import evaluate_model, export_model, train_model
+
+
+@flow(name="train-models", log_prints=True)
+def train_models(models: list[str] | None = None, profile: str = "demo", source: str = "generated",
+                 data_dir: str | None = None, exports_dir: str = "exports", work_dir: str = "work",
+                 epochs: int | None = None, batch_size: int | None = None,
+                 max_per_class: int | None = None, seed: int = 1337,
+                 input_shape: dict[str, list[int]] | None = None) -> dict[str, str]:
+    """Train, evaluate and export each model; returns ``{model: bundle folder}``.
+
+    ``profile`` is ``full`` (the documented recipe) or ``demo`` (few epochs, small generated
+    data); ``source`` is ``generated``, ``kaggle``, ``url`` or ``local`` (with ``data_dir``).
+    ``input_shape`` (for tests) maps a model name to a smaller input size.
+    """
+    names = models or registry.names()
+    for name in names:
+        registry.get(name)  # fail before any work on an unknown name
+    bundles = {}
+    for name in names:
+        shape = (input_shape or {}).get(name)
+        data = fetch_data(name, source, profile, work_dir, data_dir, seed)
+        prepared = preprocess_data(name, data["root"], work_dir, max_per_class, shape)
+        overrides = {"epochs": epochs, "batch_size": batch_size}
+        trained = train_model(name, prepared, work_dir, profile, overrides, seed, shape)
+        metrics = evaluate_model(name, prepared, trained)
+        bundles[name] = export_model(name, prepared, trained, metrics, data, exports_dir)
+    return bundles

@@ -1,0 +1,98 @@
+"""The model bundle: ``exports/<model>/<version>/`` with ``model.onnx`` and ``model_card.json``.
+
+A bundle describes itself: the scorer needs nothing but the folder. Versions are never
+overwritten; ``exports/<model>/LATEST`` names the newest complete one (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lung_models.fileutil import sha256_file
+
+CARD = "model_card.json"
+ONNX = "model.onnx"
+LATEST = "LATEST"
+
+
+class BundleError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    path: Path
+    card: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.card["model"]["name"]
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.card["model"]["class_names"])
+
+    @property
+    def modality(self) -> str:
+        return self.card["model"]["modality"]
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.card["preprocessing"]
+
+    def verify(self) -> str:
+        """Check the ONNX file against the sha256 recorded at export; return the hash."""
+        expected = self.card["onnx_sha256"]
+        actual = sha256_file(self.onnx_path)
+        if actual != expected:
+            raise BundleError(
+                f"{self.onnx_path}: sha256 {actual} does not match {expected} recorded in {self.path / CARD}; "
+                "the file was changed after export: re-export the model or restore the file")
+        return actual
+
+
+def load_bundle(path: str | Path) -> ModelBundle:
+    path = Path(path)
+    card_path = path / CARD
+    if not card_path.is_file() or not (path / ONNX).is_file():
+        raise BundleError(f"{path}: not a model bundle (needs {CARD} and {ONNX}); run the train flow")
+    return ModelBundle(path=path, card=json.loads(card_path.read_text()))
+
+
+def latest_version(exports_root: str | Path, model_name: str) -> Path | None:
+    pointer = Path(exports_root) / model_name / LATEST
+    if not pointer.is_file():
+        return None
+    version = pointer.read_text().strip()
+    path = pointer.parent / version
+    if not path.is_dir():
+        raise BundleError(f"{pointer} names version {version!r}, which does not exist; "
+                          "re-run the train flow or fix the pointer")
+    return path
+
+
+def latest_bundles(exports_root: str | Path, names: list[str] | None = None) -> dict[str, ModelBundle]:
+    """The newest bundle of each model found under ``exports_root`` (or of the named ones)."""
+    root = Path(exports_root)
+    found: dict[str, ModelBundle] = {}
+    candidates = names if names else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for name in candidates:
+        path = latest_version(root, name)
+        if path is None:
+            if names:
+                raise BundleError(f"{root / name}: no exported version of model {name!r}; "
+                                  "train it first (lung-factory train --models ...)")
+            continue
+        found[name] = load_bundle(path)
+    return found

@@ -1,0 +1,1 @@
+"""Data: readers for the file formats, generated phantoms, and data-set sources."""

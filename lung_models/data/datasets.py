@@ -1,0 +1,159 @@
+"""Turn a data set folder into labelled items, a seeded split, and cached preprocessed arrays.
+
+The cache is keyed by the files' content (sha256) and the preprocessing parameters, so a
+second run with the same data and parameters reuses it, and any change rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lung_models import preprocess
+from lung_models.data.readers import InputError, read_nifti_hu, read_rgb_image
+from lung_models.fileutil import atomic_write_json, sha256_bytes, sha256_file
+from lung_models.registry import DatasetSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class DatasetLayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: int
+
+
+def find_items(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -> list[Item]:
+    """Every file of every class under ``root``, in the data set's documented folder layout.
+
+    Each class's folder (``dataset.layout[class]``) is looked for anywhere below ``root``, so the
+    archive's own top-level folders do not matter; all folders of that name are used.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root}: data folder not found; fetch the data set or pass --data-dir")
+    items: list[Item] = []
+    for label, cls in enumerate(class_names):
+        folder_name = dataset.layout[cls]
+        folders = sorted(p for p in root.rglob(folder_name) if p.is_dir())
+        files = sorted(
+            f for folder in folders for f in folder.iterdir()
+            if f.is_file() and f.name.lower().endswith(dataset.file_suffixes)
+        )
+        if not files:
+            raise DatasetLayoutError(
+                f"{root}: no {'/'.join(dataset.file_suffixes)} files in a folder named {folder_name!r} "
+                f"for class {cls!r}; expected the {dataset.name} layout "
+                f"({', '.join(dataset.layout.values())} folders)")
+        items.extend(Item(f, label) for f in files)
+    return items
+
+
+def limit_per_class(items: list[Item], max_per_class: int | None, seed: int) -> list[Item]:
+    if not max_per_class:
+        return items
+    rng = np.random.default_rng(seed)
+    kept: list[Item] = []
+    for label in sorted({i.label for i in items}):
+        group = [i for i in items if i.label == label]
+        order = rng.permutation(len(group))[:max_per_class]
+        kept.extend(group[j] for j in sorted(order))
+    return kept
+
+
+def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item]]:
+    """Stratified, seeded train/val/test split with the fractions in ``split``."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [i.label for i in items]
+    seed = split["seed"]
+    holdout = split["val"] + split["test"]
+    train, rest = train_test_split(items, test_size=holdout, random_state=seed, stratify=labels)
+    rest_labels = [i.label for i in rest]
+    val, test = train_test_split(rest, test_size=split["test"] / holdout, random_state=seed,
+                                 stratify=rest_labels)
+    return {"train": train, "val": val, "test": test}
+
+
+def reader_for(params: dict[str, Any]) -> Callable[[Path], np.ndarray]:
+    """The decoder that feeds a preprocessing kind (from a spec or a bundle's card)."""
+    if params["kind"] == "ct_volume":
+        return lambda p: read_nifti_hu(p)[0]
+    if params["kind"] == "rgb_image":
+        return read_rgb_image
+    raise ValueError(f"no reader for preprocessing kind {params['kind']!r}")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Cached, preprocessed arrays of each split (``<split>_x.npy``, ``<split>_y.npy``)."""
+
+    folder: Path
+
+    def arrays(self, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        x = np.load(self.folder / f"{split}_x.npy", mmap_mode="r" if mmap else None)
+        y = np.load(self.folder / f"{split}_y.npy")
+        return x, y
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.folder / "manifest.json").read_text())
+
+
+def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int | None = None,
+            input_shape: tuple[int, ...] | None = None,
+            progress: Callable[[str], None] | None = None) -> PreparedData:
+    """Split ``root``'s files and cache their preprocessed arrays; idempotent.
+
+    ``input_shape`` (tests only) overrides the spatial size so tiny models train quickly.
+    """
+    say = progress or log.info
+    params = dict(spec.preprocessing)
+    if input_shape is not None:
+        key = "size" if params["kind"] == "rgb_image" else "target_shape"
+        params[key] = list(input_shape[: len(params[key])])
+    items = limit_per_class(find_items(root, spec.dataset, spec.class_names), max_per_class,
+                            spec.dataset.split["seed"])
+    say(f"{spec.name}: hashing {len(items)} files under {root}")
+    hashes = {str(i.path): sha256_file(i.path) for i in items}
+    key_src = json.dumps({"params": params, "classes": spec.class_names, "split": spec.dataset.split,
+                          "files": sorted((hashes[str(i.path)], i.label) for i in items)}, sort_keys=True)
+    folder = Path(cache_root) / f"{spec.dataset.name.split()[0].lower()}-{sha256_bytes(key_src.encode())[:16]}"
+    if (folder / "manifest.json").exists():
+        say(f"{spec.name}: preprocessed cache found at {folder}, reusing it")
+        return PreparedData(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = split_items(items, spec.dataset.split)
+    read = reader_for(params)
+    manifest: dict[str, Any] = {"preprocessing": params, "class_names": list(spec.class_names),
+                                "root": str(root), "split": spec.dataset.split, "splits": {}, "skipped": []}
+    for name in SPLITS:
+        kept: list[tuple[Item, np.ndarray]] = []
+        for n, item in enumerate(splits[name], 1):
+            try:
+                kept.append((item, preprocess.cache_stage(read(item.path), params)))
+            except InputError as exc:  # one bad file must not sink a training run; it is recorded
+                log.warning("skipping %s: %s", item.path, exc)
+                manifest["skipped"].append({"path": str(item.path), "reason": str(exc)})
+            if n % 50 == 0 or n == len(splits[name]):
+                say(f"{spec.name}: preprocessed {n}/{len(splits[name])} {name} files")
+        x = np.stack([a for _, a in kept]).astype(preprocess.cached_dtype(params))
+        y = np.array([i.label for i, _ in kept], dtype=np.int64)
+        np.save(folder / f"{name}_x.npy", x)
+        np.save(folder / f"{name}_y.npy", y)
+        manifest["splits"][name] = [
+            {"path": str(i.path.relative_to(root)), "sha256": hashes[str(i.path)],
+             "label": spec.class_names[i.label]} for i, _ in kept]
+    atomic_write_json(folder / "manifest.json", manifest)  # written last: marks the cache complete
+    return PreparedData(folder)

@@ -1,0 +1,96 @@
+"""Readers for incoming files: RGB images (PNG/JPEG/TIFF/BMP) and NIfTI CT volumes.
+
+Every failure is an :class:`InputError` whose message names the file, says what is wrong and
+what to do about it, so that a scoring run can record it in the report and go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+# A volume larger than this (in voxels) is refused from its header, before any allocation.
+MAX_VOLUME_VOXELS = 1024 * 1024 * 1024 // 4  # 256 Mi voxels = 1 GiB as float32
+
+
+class InputError(ValueError):
+    """A file that cannot be scored; the message is written to the report as is."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{Path(path).name}: {problem}; {fix}")
+
+
+def file_kind(path: Path) -> str | None:
+    """``"image"``, ``"volume"`` or ``None`` from the file name."""
+    name = path.name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return "volume"
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    return None
+
+
+def read_rgb_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB (H, W, 3); grayscale and RGBA are converted."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)", "re-export or re-transfer the image")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "I;16" or img.mode == "I":
+                # 16-bit grayscale: scale to 8 bits rather than clip.
+                arr = np.asarray(img, dtype=np.float32)
+                span = float(arr.max() - arr.min()) or 1.0
+                return np.repeat(((arr - arr.min()) / span * 255).astype(np.uint8)[..., None], 3, axis=2)
+            return np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise InputError(path, "not a readable image (unknown or corrupt format)",
+                         "check the file is a PNG/JPEG/TIFF and re-transfer it") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(path, f"image is truncated or corrupt ({exc})",
+                         "re-transfer the file from its source") from None
+
+
+def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a 3-D NIfTI CT volume: (float32 HU array (x, y, z), voxel spacing in mm)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)", "re-export or re-transfer the volume")
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as exc:  # nibabel raises many types for bad headers
+        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})",
+                         "re-export the volume as .nii/.nii.gz") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(path, f"{len(shape)}-D image {shape}, expected a 3-D CT volume (x, y, z)",
+                         "pass one 3-D volume per file")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_VOLUME_VOXELS:
+        raise InputError(path, f"volume of {shape} voxels is too large to be a CT scan",
+                         "check the header, or crop/resample the volume before scoring")
+    if min(shape) < 8:
+        raise InputError(path, f"volume {shape} is too small to be a CT scan", "check the export")
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise InputError(path, f"invalid voxel spacing {spacing}", "fix pixdim in the NIfTI header")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as exc:
+        raise InputError(path, f"voxel data unreadable or truncated ({type(exc).__name__}: {exc})",
+                         "re-transfer the file from its source") from None
+    if not np.isfinite(data).all():
+        raise InputError(path, "volume contains NaN or infinite voxels", "re-export the volume")
+    return data, spacing

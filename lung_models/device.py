@@ -1,0 +1,39 @@
+"""Which device runs: a GPU when TensorFlow / ONNX Runtime see one, the CPU otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def configure_tensorflow() -> str:
+    """Turn on memory growth for every visible GPU and return a description of the device used."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised: growth was set earlier in this process
+            pass
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        device = f"GPU ({details.get('device_name', gpus[0].name)})"
+    else:
+        device = "CPU"
+    log.info("TensorFlow trains on %s", device)
+    return device
+
+
+def onnx_providers() -> list[str]:
+    """CUDA first when ONNX Runtime offers it and an NVIDIA driver is present, CPU always as the
+    fallback. (onnxruntime-gpu lists CUDA even on machines without a GPU; asking for it there
+    only prints loader errors.) Read ``session.get_providers()`` for what really runs."""
+    import onnxruntime as ort
+
+    gpu_present = Path("/dev/nvidiactl").exists() or os.environ.get("LUNG_FACTORY_TRY_CUDA") == "1"
+    wanted = ["CUDAExecutionProvider"] if gpu_present and "CUDAExecutionProvider" in ort.get_available_providers() else []
+    return wanted + ["CPUExecutionProvider"]

@@ -1,0 +1,106 @@
+"""Held-out evaluation: metrics with honest intervals, and the plots that go beside an export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
+    """Model outputs → one probability column per class: a sigmoid unit is P(class 1)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if output_kind == "sigmoid":
+        p1 = outputs.reshape(-1)
+        return np.stack([1.0 - p1, p1], axis=1)
+    return outputs
+
+
+def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    if total == 0:
+        return (float("nan"), float("nan"))
+    ci = binomtest(correct, total).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy (Wilson 95% CI), per-class precision/recall/specificity/F1, confusion matrix, ROC AUC."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    total = int(cm.sum())
+    per_class = {}
+    for i, name in enumerate(class_names):
+        tn = total - cm[i, :].sum() - cm[:, i].sum() + cm[i, i]
+        fp = cm[:, i].sum() - cm[i, i]
+        per_class[name] = {
+            "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+            "specificity": float(tn / (tn + fp)) if (tn + fp) else float("nan"),
+            "support": int(support[i]),
+        }
+    correct = int(np.trace(cm))
+    present = np.unique(y_true)
+    auc: float | None
+    try:
+        if len(class_names) == 2:
+            auc = float(roc_auc_score(y_true, probs[:, 1])) if len(present) == 2 else None
+        else:
+            auc = float(roc_auc_score(y_true, probs, multi_class="ovr", labels=labels))
+    except ValueError:  # a class absent from the test split: AUC is undefined, say so
+        auc = None
+    low, high = wilson_interval(correct, total)
+    return {
+        "n": total,
+        "accuracy": correct / total if total else float("nan"),
+        "accuracy_ci95_wilson": [low, high],
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_axes": "rows = true class, columns = predicted class",
+        "roc_auc": auc,
+        "class_names": list(class_names),
+    }
+
+
+def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if key in history:
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(class_names) + 2, 1.6 * len(class_names) + 1.5))
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=class_names).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,159 @@
+"""Keras → ONNX export with a parity check, written as a self-describing model bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lung_models import preprocess
+from lung_models.bundle import CARD, LATEST, ONNX
+from lung_models.device import onnx_providers
+from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file
+from lung_models.registry import ModelSpec
+
+OPSET = 17
+PARITY_ATOL = 1e-4
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def probability_function(model, output_kind: str, input_shape: tuple[int, ...]):
+    """A ``tf.function`` of the inference graph (``training=False``: augmentation and dropout off)
+    that returns one probability per class, whatever the model's own output layer."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32, name="input")])
+    def probabilities(x):
+        y = model(x, training=False)
+        if output_kind == "sigmoid":
+            y = tf.concat([1.0 - y, y], axis=1)
+        return tf.identity(y, name="probabilities")
+
+    return probabilities
+
+
+def convert(fn, path: Path) -> None:
+    import tf2onnx
+
+    tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=OPSET,
+                                  output_path=str(path))
+
+
+def ort_session(path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # the CPU fallback of onnxruntime-gpu is expected, not an error
+    return ort.InferenceSession(str(path), providers=providers or onnx_providers())
+
+
+def check_parity(fn, session, x: np.ndarray, params: dict[str, Any], batch_size: int = 8) -> dict[str, Any]:
+    """Compare TensorFlow and ONNX Runtime probabilities on every item of ``x``."""
+    input_name = session.get_inputs()[0].name
+    max_diff, mismatched = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        batch = preprocess.batch_stage(x[start:start + batch_size], params)
+        tf_probs = fn(batch).numpy()
+        ort_probs = session.run(None, {input_name: batch})[0]
+        max_diff = max(max_diff, float(np.abs(tf_probs - ort_probs).max()))
+        mismatched += int((tf_probs.argmax(1) != ort_probs.argmax(1)).sum())
+    return {"items": int(len(x)), "max_abs_diff": max_diff, "class_mismatches": mismatched,
+            "atol": PARITY_ATOL, "passed": bool(max_diff <= PARITY_ATOL and mismatched == 0)}
+
+
+def new_version(model_dir: Path) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    version, n = stamp, 1
+    while (model_dir / version).exists():
+        n += 1
+        version = f"{stamp}-{n}"
+    return version
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    return {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[str, Any],
+                  exports_root: Path, card_extra: dict[str, Any], files: dict[str, Path],
+                  progress: Callable[[str], None] = print) -> Path:
+    """Convert, check parity on the test arrays, write the bundle, then point LATEST at it.
+
+    ``params`` is the preprocessing that produced ``test_x`` (the spec's, or a test's smaller
+    size); it goes into the card unchanged so the scorer reproduces it. ``files`` are copied into
+    the bundle under their keys (metrics, plots, split manifest, checkpoint...).
+    """
+    import onnx
+
+    model_dir = Path(exports_root) / spec.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    input_shape = tuple(int(d) for d in test_x.shape[1:])
+    fn = probability_function(model, spec.output, input_shape)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        onnx_path = staging / ONNX
+        progress(f"{spec.name}: converting to ONNX (opset {OPSET})")
+        convert(fn, onnx_path)
+        session = ort_session(onnx_path)
+        parity = check_parity(fn, session, test_x, params)
+        progress(f"{spec.name}: parity on {parity['items']} test items: max |Δp| = "
+                 f"{parity['max_abs_diff']:.2e}, class mismatches = {parity['class_mismatches']}")
+        if not parity["passed"]:
+            raise ParityError(
+                f"{spec.name}: ONNX output differs from Keras (max |Δp| {parity['max_abs_diff']:.3e} > "
+                f"{PARITY_ATOL} or {parity['class_mismatches']} class mismatches); bundle not written")
+
+        version = new_version(model_dir)
+        card: dict[str, Any] = {
+            "version": version,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": spec.name, "title": spec.title, "documented_by": spec.documented_by,
+                      "modality": spec.modality, "class_names": list(spec.class_names),
+                      "documented_metrics": spec.documented_metrics},
+            "input": {"name": session.get_inputs()[0].name, "shape": [None, *input_shape],
+                      "dtype": "float32", "layout": params.get("layout", "")},
+            "output": {"name": session.get_outputs()[0].name,
+                       "meaning": "probability per class, in class_names order"},
+            "preprocessing": params,
+            "parity": parity,
+            "software": _versions(),
+            "opset": OPSET,
+            **card_extra,
+        }
+        meta = {"model_name": spec.name, "version": version, "modality": spec.modality,
+                "class_names": json.dumps(list(spec.class_names)), "preprocessing": json.dumps(params),
+                "input_layout": params.get("layout", ""), "weights_init": str(card_extra.get("weights_init")),
+                "training_device": str(card_extra.get("training", {}).get("device")),
+                "metrics": json.dumps({k: card_extra.get("metrics", {}).get(k)
+                                       for k in ("accuracy", "accuracy_ci95_wilson", "roc_auc", "n")})}
+        proto = onnx.load(str(onnx_path))
+        onnx.helper.set_model_props(proto, meta)
+        proto.doc_string = f"{spec.title} ({spec.name} {version})"
+        onnx.save(proto, str(onnx_path))
+        card["onnx_sha256"] = sha256_file(onnx_path)
+        for name, src in files.items():
+            shutil.copy2(src, staging / name)
+        atomic_write_json(staging / CARD, card)
+        final = model_dir / version
+        os.rename(staging, final)  # a complete bundle appears at once, or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_text(model_dir / LATEST, version + "\n")
+    progress(f"{spec.name}: bundle written to {final}")
+    return final

@@ -1,0 +1,144 @@
+"""The model registry: every documented model declared once, as data.
+
+Each family module declares a :class:`ModelSpec` and registers its builder with
+``@register(SPEC)``. Flows, the CLI and the tests iterate :data:`REGISTRY`; nothing in the
+code base branches on a model's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Modalities, and which incoming files each one scores.
+HISTOLOGY_TILE = "histology_tile"
+CT_SLICE = "ct_slice"
+CT_VOLUME = "ct_volume"
+MODALITIES = (HISTOLOGY_TILE, CT_SLICE, CT_VOLUME)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set, its documented folder layout and where it can come from.
+
+    ``layout`` maps each class name to the name of the folder that holds that class's files
+    somewhere under the data set's root (searched recursively, so the archive's own top-level
+    folders do not matter). ``sources`` maps a source kind (``generated``, ``url``, ``kaggle``,
+    ``local``) to that source's configuration.
+    """
+
+    name: str
+    layout: dict[str, str]
+    sources: dict[str, dict[str, Any]]
+    file_suffixes: tuple[str, ...]
+    split: dict[str, Any]
+    citation: str = ""
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """The documented training recipe; its values are the defaults of the ``full`` profile."""
+
+    epochs: int
+    batch_size: int
+    loss: str
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    lr_schedule: dict[str, Any] | None = None
+    early_stopping: dict[str, Any] | None = None
+    checkpoint_monitor: str = "val_loss"
+    augmentation: dict[str, Any] | None = None
+    max_per_class: int | None = None  # None: every file the data set has
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    title: str
+    documented_by: str
+    modality: str
+    input_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+    output: str  # "sigmoid" (one unit, P(class_names[1])) or "softmax"
+    preprocessing: dict[str, Any]
+    dataset: DatasetSpec
+    recipe: TrainingRecipe
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    documented_metrics: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"{self.name}: unknown modality {self.modality!r}; use one of {MODALITIES}")
+        if self.output not in ("sigmoid", "softmax"):
+            raise ValueError(f"{self.name}: output must be 'sigmoid' or 'softmax', not {self.output!r}")
+        if self.output == "sigmoid" and len(self.class_names) != 2:
+            raise ValueError(f"{self.name}: a sigmoid output needs exactly two class names")
+
+    def recipe_for(self, profile: str = "full", **overrides: Any) -> TrainingRecipe:
+        """The recipe of a profile (``full`` = documented values), with explicit overrides on top."""
+        if profile != "full" and profile not in self.profiles:
+            raise KeyError(f"{self.name}: no profile {profile!r}; known: full, {', '.join(self.profiles)}")
+        fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
+        values = {k: v for k, v in self.profiles.get(profile, {}).items() if k in fields}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(self.recipe, **values)
+
+    def profile_option(self, profile: str, key: str, default: Any = None) -> Any:
+        """A non-recipe setting of a profile (e.g. ``generated_per_class``)."""
+        return self.profiles.get(profile, {}).get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    spec: ModelSpec
+    build: Callable[..., Any]  # build(spec, input_shape=None) -> keras.Model
+
+
+REGISTRY: dict[str, RegisteredModel] = {}
+
+# One module per documented model family; importing it registers its models.
+FAMILY_MODULES = (
+    "lung_models.lc25000_cnn",
+    "lung_models.mosmed_3dcnn",
+)
+
+
+def register(spec: ModelSpec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a family's ``build(spec, input_shape=None)`` function."""
+
+    def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
+        if spec.name in REGISTRY and REGISTRY[spec.name].build is not build:
+            raise ValueError(f"model {spec.name!r} is registered twice")
+        REGISTRY[spec.name] = RegisteredModel(spec=spec, build=build)
+        return build
+
+    return decorator
+
+
+def load_all() -> dict[str, RegisteredModel]:
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return REGISTRY
+
+
+def get(name: str) -> RegisteredModel:
+    load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    return sorted(load_all())
+
+
+def specs_for_modality(modality: str) -> list[ModelSpec]:
+    return [m.spec for m in load_all().values() if m.spec.modality == modality]

@@ -1,0 +1,142 @@
+"""Score files with exported bundles on ONNX Runtime, in batches, one result row per (file, model).
+
+Preprocessing is rebuilt from the bundle's card alone. A file that cannot be read or
+preprocessed becomes an ``error`` row with the reason, and scoring goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lung_models import preprocess
+from lung_models.bundle import ModelBundle
+from lung_models.data.datasets import reader_for
+from lung_models.data.readers import InputError, file_kind
+from lung_models.export import ort_session
+from lung_models.fileutil import atomic_write_text, sha256_file
+from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
+
+log = logging.getLogger(__name__)
+
+# Which incoming files each modality scores.
+MODALITY_FILE_KIND = {HISTOLOGY_TILE: "image", CT_SLICE: "image", CT_VOLUME: "volume"}
+BASE_COLUMNS = ["relative_path", "file_sha256", "model", "model_version", "predicted_class",
+                "status", "error", "provider", "scored_utc"]
+
+
+@dataclass
+class LoadedModel:
+    bundle: ModelBundle
+    session: Any
+    provider: str
+    input_name: str
+
+
+def open_model(bundle: ModelBundle) -> LoadedModel:
+    """Verify the ONNX file against the bundle, open a session, note the provider that runs."""
+    bundle.verify()
+    session = ort_session(bundle.onnx_path)
+    provider = session.get_providers()[0]
+    log.info("%s %s runs on ONNX Runtime %s", bundle.name, bundle.version, provider)
+    return LoadedModel(bundle, session, provider, session.get_inputs()[0].name)
+
+
+def predict(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+    return model.session.run(None, {model.input_name: batch.astype(np.float32, copy=False)})[0]
+
+
+def discover(input_dir: Path) -> list[Path]:
+    """Scoreable files under ``input_dir`` (recursive, hidden files skipped), sorted."""
+    input_dir = Path(input_dir)
+    return sorted(
+        p for p in input_dir.rglob("*")
+        if p.is_file() and file_kind(p) is not None
+        and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def score_files(model: LoadedModel, files: Iterable[Path], root: Path, hashes: dict[str, str],
+                batch_size: int = 8) -> Iterator[dict[str, Any]]:
+    """Yield one row per file; files are read and preprocessed one at a time and run in batches,
+    so memory stays bounded by the batch size."""
+    bundle = model.bundle
+    params = bundle.preprocessing
+    read = reader_for(params)
+    classes = bundle.class_names
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def row(path: Path, **values: Any) -> dict[str, Any]:
+        rel = path.relative_to(root).as_posix()
+        return {"relative_path": rel, "file_sha256": hashes.get(rel, ""), "model": bundle.name,
+                "model_version": bundle.version, "provider": model.provider, "scored_utc": _now(),
+                "predicted_class": "", "error": "", **values}
+
+    def flush() -> Iterator[dict[str, Any]]:
+        paths = [p for p, _ in pending]
+        try:
+            probs = predict(model, np.stack([x for _, x in pending]))
+        except Exception as exc:  # a runtime failure fails this batch's rows, not the night
+            for path in paths:
+                yield row(path, status="error", error=f"inference failed: {type(exc).__name__}: {exc}")
+        else:
+            for path, p in zip(paths, probs):
+                yield row(path, status="ok", predicted_class=classes[int(np.argmax(p))],
+                          **{f"prob_{c}": float(v) for c, v in zip(classes, p)})
+        pending.clear()
+
+    for path in files:
+        try:
+            pending.append((path, preprocess.model_input(read(path), params)))
+        except InputError as exc:
+            yield row(path, status="error", error=str(exc))
+        except (OSError, ValueError, MemoryError) as exc:
+            yield row(path, status="error", error=f"{path.name}: cannot be read or preprocessed "
+                      f"({type(exc).__name__}: {exc}); check the file")
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def files_for(model: LoadedModel, files: list[Path]) -> list[Path]:
+    kind = MODALITY_FILE_KIND[model.bundle.modality]
+    return [f for f in files if file_kind(f) == kind]
+
+
+def hash_files(files: list[Path], root: Path) -> dict[str, str]:
+    hashes = {}
+    for f in files:
+        try:
+            hashes[f.relative_to(root).as_posix()] = sha256_file(f)
+        except OSError:  # unreadable: the reader will report it on its row
+            hashes[f.relative_to(root).as_posix()] = ""
+    return hashes
+
+
+def report_columns(rows: list[dict[str, Any]]) -> list[str]:
+    prob_cols: list[str] = []
+    for r in rows:
+        prob_cols.extend(k for k in r if k.startswith("prob_") and k not in prob_cols)
+    return BASE_COLUMNS[:5] + prob_cols + BASE_COLUMNS[5:]
+
+
+def write_report(rows: list[dict[str, Any]], path: Path) -> Path:
+    """One CSV, written atomically: readers see the old file or the whole new one."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=report_columns(rows), extrasaction="raise", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,173 @@
+"""Train a registered model on prepared arrays, following its recipe."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lung_models import preprocess
+from lung_models.data.datasets import PreparedData
+from lung_models.device import configure_tensorflow
+from lung_models.fileutil import atomic_write_json
+from lung_models.registry import ModelSpec, TrainingRecipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: str
+    history: str
+    device: str
+    epochs_run: int
+    seconds: float
+    weights_init: str
+
+
+def labels_for_loss(y: np.ndarray, loss: str, num_classes: int) -> np.ndarray:
+    if loss == "binary_crossentropy":
+        return y.astype("float32")[:, None]
+    if loss == "categorical_crossentropy":
+        return np.eye(num_classes, dtype="float32")[y]
+    return y.astype("int64")
+
+
+def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[str, Any],
+                 loss: str, num_classes: int, shuffle: bool, augmentation: dict[str, Any] | None,
+                 seed: int):
+    """A Keras ``PyDataset`` over (memory-mapped) cached arrays: per-batch rescaling, optional
+    augmentation, a fresh seeded shuffle every epoch."""
+    import keras
+
+    class ArrayBatches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.labels = labels_for_loss(y, loss, num_classes)
+            self.order = self.rng.permutation(len(x)) if shuffle else np.arange(len(x))
+
+        def __len__(self) -> int:
+            return math.ceil(len(x) / batch_size)
+
+        def __getitem__(self, index: int):
+            idx = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
+            batch = preprocess.batch_stage(x[idx], params)
+            if augmentation and augmentation["kind"] == "volume_rotation":
+                batch = np.stack([preprocess.random_rotate_volume(v, self.rng, augmentation["angles"])
+                                  for v in batch])
+            return batch, self.labels[idx]
+
+        def on_epoch_end(self) -> None:
+            if shuffle:
+                self.order = self.rng.permutation(len(x))
+
+    return ArrayBatches()
+
+
+def make_optimizer(recipe: TrainingRecipe):
+    import keras
+
+    lr: Any = recipe.learning_rate
+    if recipe.lr_schedule and recipe.lr_schedule.get("kind") == "exponential_decay":
+        sched = recipe.lr_schedule
+        lr = keras.optimizers.schedules.ExponentialDecay(
+            recipe.learning_rate, decay_steps=sched["decay_steps"], decay_rate=sched["decay_rate"],
+            staircase=sched.get("staircase", False))
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    if recipe.optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: {', '.join(optimizers)}")
+    return optimizers[recipe.optimizer](learning_rate=lr)
+
+
+class _ProgressLog:
+    """A Keras callback that reports each epoch as one readable line."""
+
+    def __new__(cls, name: str, epochs: int, say: Callable[[str], None]):
+        import keras
+
+        class ProgressLog(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs or {}
+                parts = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())
+                                 if isinstance(v, (int, float)) and k != "learning_rate")
+                say(f"{name}: epoch {epoch + 1}/{epochs} ({time.perf_counter() - self.started:.0f}s) {parts}")
+
+        return ProgressLog()
+
+
+def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe: TrainingRecipe,
+          out_dir: Path, *, seed: int = 1337, input_shape: tuple[int, ...] | None = None,
+          progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Fit the model; keep the best checkpoint (by ``recipe.checkpoint_monitor``) and the history."""
+    import keras
+
+    say = progress or log.info
+    device = configure_tensorflow()
+    say(f"{spec.name}: training on {device}")
+    keras.utils.set_random_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = data.manifest["preprocessing"]
+    n_classes = len(spec.class_names)
+
+    model = build(spec, input_shape=input_shape)
+    model.compile(optimizer=make_optimizer(recipe), loss=recipe.loss, metrics=["accuracy"])
+    x_train, y_train = data.arrays("train")
+    x_val, y_val = data.arrays("val")
+    common = dict(batch_size=recipe.batch_size, params=params, loss=recipe.loss, num_classes=n_classes)
+    train_batches = make_batches(x_train, y_train, shuffle=True, augmentation=recipe.augmentation,
+                                 seed=seed, **common)
+    val_batches = make_batches(x_val, y_val, shuffle=False, augmentation=None, seed=seed, **common)
+
+    checkpoint = out_dir / "best.keras"
+    mode = "max" if "acc" in recipe.checkpoint_monitor else "min"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor, mode=mode,
+                                        save_best_only=True),
+        _ProgressLog(spec.name, recipe.epochs, say),
+    ]
+    if recipe.early_stopping:
+        es = dict(recipe.early_stopping)
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=es["monitor"], patience=es["patience"],
+            restore_best_weights=es.get("restore_best_weights", False),
+            mode="max" if "acc" in es["monitor"] else "min"))
+    say(f"{spec.name}: {len(x_train)} train / {len(x_val)} val items, {recipe.epochs} epochs, "
+        f"batch {recipe.batch_size}")
+    started = time.perf_counter()
+    history = model.fit(train_batches, validation_data=val_batches, epochs=recipe.epochs,
+                        callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - started
+    if not checkpoint.exists():  # monitor never improved on its initial value (e.g. NaN loss)
+        model.save(checkpoint)
+    history_path = out_dir / "history.json"
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    atomic_write_json(history_path, {"history": hist, "recipe": asdict(recipe), "device": device,
+                                     "seconds": seconds, "seed": seed})
+    say(f"{spec.name}: trained {len(hist.get('loss', []))} epochs in {seconds:.0f}s on {device}")
+    return TrainResult(checkpoint=str(checkpoint), history=str(history_path), device=device,
+                       epochs_run=len(hist.get("loss", [])), seconds=seconds, weights_init="random")
+
+
+def load_checkpoint(path: str | Path):
+    import keras
+
+    import lung_models.registry as registry
+
+    registry.load_all()  # registers custom model classes before deserialising
+    return keras.models.load_model(path)
+
+
+def history_of(path: str | Path) -> dict[str, list[float]]:
+    return json.loads(Path(path).read_text())["history"]

@@ -1,0 +1,1 @@
+"""Thin Prefect task wrappers around :mod:`lung_models`: paths in, paths and small dicts out."""

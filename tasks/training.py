@@ -1,0 +1,106 @@
+"""Train, evaluate and export one registered model; each task passes paths and small dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from lung_models import evaluation, export, preprocess, registry, training
+from lung_models.data.datasets import SPLITS, PreparedData
+from lung_models.fileutil import atomic_write_json
+from tasks.common import say
+
+
+def run_dir(work_dir: str, model_name: str) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(work_dir) / "runs" / model_name / stamp
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@task(name="train-model")
+def train_model(model_name: str, prepared: str, work_dir: str, profile: str = "full",
+                overrides: dict[str, Any] | None = None, seed: int = 1337,
+                input_shape: list[int] | None = None) -> dict[str, Any]:
+    entry = registry.get(model_name)
+    recipe = entry.spec.recipe_for(profile, **(overrides or {}))
+    result = training.train(entry.spec, entry.build, PreparedData(Path(prepared)), recipe,
+                            run_dir(work_dir, model_name), seed=seed,
+                            input_shape=tuple(input_shape) if input_shape else None, progress=say)
+    return {**dataclasses.asdict(result), "recipe": dataclasses.asdict(recipe), "profile": profile,
+            "seed": seed}
+
+
+def predict_split(fn, x: np.ndarray, params: dict[str, Any], batch_size: int = 16) -> np.ndarray:
+    return np.concatenate([fn(preprocess.batch_stage(x[i:i + batch_size], params)).numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
+@task(name="evaluate-model")
+def evaluate_model(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
+    """Metrics on the held-out test split (and accuracy/loss on every split), plots, split manifest."""
+    from sklearn.metrics import log_loss
+
+    spec = registry.get(model_name).spec
+    data = PreparedData(Path(prepared))
+    params = data.manifest["preprocessing"]
+    model = training.load_checkpoint(trained["checkpoint"])
+    out = Path(trained["checkpoint"]).parent
+    splits: dict[str, dict[str, float]] = {}
+    metrics: dict[str, Any] = {}
+    for split in SPLITS:
+        x, y = data.arrays(split)
+        fn = export.probability_function(model, spec.output, tuple(x.shape[1:]))
+        probs = predict_split(fn, x, params)
+        labels = list(range(len(spec.class_names)))
+        splits[split] = {"n": int(len(y)), "accuracy": float((probs.argmax(1) == y).mean()),
+                         "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels))}
+        if split == "test":
+            metrics = evaluation.classification_metrics(y, probs, list(spec.class_names))
+    metrics["splits"] = splits
+    metrics["split_fractions"] = spec.dataset.split
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "split_manifest.json", data.manifest)
+    evaluation.plot_history(training.history_of(trained["history"]), out / "training_curves.png", spec.name)
+    evaluation.plot_confusion(metrics["confusion_matrix"], list(spec.class_names),
+                              out / "confusion_matrix.png", f"{spec.name} (test split)")
+    lo, hi = metrics["accuracy_ci95_wilson"]
+    say(f"{model_name}: test accuracy {metrics['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={metrics['n']}), "
+        f"ROC AUC {metrics['roc_auc'] if metrics['roc_auc'] is None else round(metrics['roc_auc'], 3)}")
+    create_table_artifact(
+        key=f"metrics-{model_name}",
+        table=[{"split": s, **v} for s, v in splits.items()]
+        + [{"split": f"test/{c}", **{k: round(v, 4) for k, v in m.items()}} for c, m in metrics["per_class"].items()],
+        description=f"{model_name}: accuracy and loss per split, per-class test metrics "
+                    f"(test accuracy 95% Wilson CI {lo:.3f}-{hi:.3f})")
+    return str(out / "metrics.json")
+
+
+@task(name="export-model")
+def export_model(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
+                 data_info: dict[str, Any], exports_dir: str) -> str:
+    spec = registry.get(model_name).spec
+    data = PreparedData(Path(prepared))
+    x_test, _ = data.arrays("test")
+    run = Path(metrics_path).parent
+    model = training.load_checkpoint(trained["checkpoint"])
+    card_extra = {
+        "metrics": json.loads(Path(metrics_path).read_text()),
+        "data": {**data_info, "cache": prepared, "skipped_files": data.manifest.get("skipped", [])},
+        "training": {k: trained[k] for k in ("device", "seconds", "epochs_run", "recipe", "profile", "seed")},
+        "weights_init": trained["weights_init"],
+    }
+    files = {"metrics.json": run / "metrics.json", "split_manifest.json": run / "split_manifest.json",
+             "history.json": Path(trained["history"]), "training_curves.png": run / "training_curves.png",
+             "confusion_matrix.png": run / "confusion_matrix.png", "model.keras": Path(trained["checkpoint"])}
+    bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
+                                  exports_root=Path(exports_dir), card_extra=card_extra, files=files,
+                                  progress=say)
+    return str(bundle)

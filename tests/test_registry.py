@@ -1,0 +1,58 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+from lung_models import registry
+
+NAMES = registry.names()
+
+
+def test_registry_holds_the_documented_models():
+    assert {"lc25000-cnn", "mosmed-3dcnn"} <= set(NAMES)
+    for name in NAMES:
+        spec = registry.get(name).spec
+        assert spec.name == name
+        assert set(spec.dataset.layout) == set(spec.class_names)
+        assert abs(sum(spec.dataset.split[k] for k in ("train", "val", "test")) - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_builds_at_its_documented_input(name):
+    entry = registry.get(name)
+    model = entry.build(entry.spec)
+    x = np.zeros((2, *entry.spec.input_shape), dtype="float32")
+    out = np.asarray(model(x, training=False))
+    units = 1 if entry.spec.output == "sigmoid" else len(entry.spec.class_names)
+    assert out.shape == (2, units)
+    assert np.all((out >= 0) & (out <= 1))
+
+
+def test_mosmed_has_the_documented_parameter_count():
+    entry = registry.get("mosmed-3dcnn")
+    assert entry.build(entry.spec).count_params() == 1_352_897  # as printed in the Keras example
+
+
+def test_lc25000_cnn_saves_and_reloads_through_its_config(tmp_path):
+    from lung_models.training import load_checkpoint
+
+    entry = registry.get("lc25000-cnn")
+    model = entry.build(entry.spec, input_shape=(64, 64, 3))
+    x = np.random.default_rng(0).random((3, 64, 64, 3), dtype=np.float32)
+    model.save(tmp_path / "m.keras")
+    again = load_checkpoint(tmp_path / "m.keras")
+    assert type(again).__name__ == "LC25000CNN"
+    assert again.get_config()["input_shape"] == [64, 64, 3]
+    np.testing.assert_allclose(model(x, training=False), again(x, training=False), atol=1e-6)
+
+
+def test_profiles_override_the_documented_recipe():
+    spec = registry.get("mosmed-3dcnn").spec
+    assert spec.recipe_for("full").epochs == 100
+    assert spec.recipe_for("full").batch_size == 2
+    demo = spec.recipe_for("demo")
+    assert demo.epochs < 100 and demo.learning_rate == spec.recipe.learning_rate
+    assert spec.recipe_for("demo", epochs=3).epochs == 3
+    with pytest.raises(KeyError, match="no profile"):
+        spec.recipe_for("nonexistent")
+    assert dataclasses.asdict(spec.recipe)["early_stopping"] == {"monitor": "val_accuracy", "patience": 15}
