@@ -6,14 +6,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 # Quiet, offline-friendly defaults; explicit settings in the environment win.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
-import typer  # noqa: E402
+import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, export and serve the documented lung-imaging models.")
@@ -31,14 +30,14 @@ def models() -> None:
 
 @app.command()
 def train(
-    models: Optional[list[str]] = typer.Option(None, "--models", "-m", help="model names (default: all)"),
+    models: list[str] | None = typer.Option(None, "--models", "-m", help="model names (default: all)"),
     profile: str = typer.Option("demo", help="full = documented recipe, demo = small and fast"),
     source: str = typer.Option("generated", help="generated | kaggle | url | local"),
-    data_dir: Optional[str] = typer.Option(None, help="data set folder, for --source local"),
+    data_dir: str | None = typer.Option(None, help="data set folder, for --source local"),
     exports_dir: str = typer.Option("exports"),
     work_dir: str = typer.Option("work", help="downloads, caches and training runs"),
-    epochs: Optional[int] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
-    max_per_class: Optional[int] = typer.Option(None, help="use at most this many files per class"),
+    epochs: int | None = typer.Option(None), batch_size: int | None = typer.Option(None),
+    max_per_class: int | None = typer.Option(None, help="use at most this many files per class"),
 ) -> None:
     """Run the train flow: fetch, preprocess, train, evaluate and export each model."""
     from flows.train import train_models
@@ -51,7 +50,7 @@ def train(
 
 @app.command()
 def score(input_dir: str, output_dir: str,
-          models: Optional[list[str]] = typer.Option(None, "--models", "-m"),
+          models: list[str] | None = typer.Option(None, "--models", "-m"),
           exports_dir: str = typer.Option("exports"), batch_size: int = typer.Option(8)) -> None:
     """Run the score flow on a folder and print the CSV's path."""
     from flows.score import score_folder
@@ -62,7 +61,7 @@ def score(input_dir: str, output_dir: str,
 
 @app.command()
 def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("exports"),
-         models: Optional[list[str]] = typer.Option(None, "--models", "-m")) -> None:
+         models: list[str] | None = typer.Option(None, "--models", "-m")) -> None:
     """The embedded default: train every model on generated data (demo profile), export the
     bundles, make a folder of incoming files (one deliberately corrupt) and score it."""
     from flows.score import score_folder

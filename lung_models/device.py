@@ -35,5 +35,5 @@ def onnx_providers() -> list[str]:
     import onnxruntime as ort
 
     gpu_present = Path("/dev/nvidiactl").exists() or os.environ.get("LUNG_FACTORY_TRY_CUDA") == "1"
-    wanted = ["CUDAExecutionProvider"] if gpu_present and "CUDAExecutionProvider" in ort.get_available_providers() else []
-    return wanted + ["CPUExecutionProvider"]
+    cuda = gpu_present and "CUDAExecutionProvider" in ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]

@@ -66,7 +66,7 @@ def check_parity(fn, session, x: np.ndarray, params: dict[str, Any], batch_size:
         ort_probs = session.run(None, {input_name: batch})[0]
         max_diff = max(max_diff, float(np.abs(tf_probs - ort_probs).max()))
         mismatched += int((tf_probs.argmax(1) != ort_probs.argmax(1)).sum())
-    return {"items": int(len(x)), "max_abs_diff": max_diff, "class_mismatches": mismatched,
+    return {"items": len(x), "max_abs_diff": max_diff, "class_mismatches": mismatched,
             "atol": PARITY_ATOL, "passed": bool(max_diff <= PARITY_ATOL and mismatched == 0)}
 
 

@@ -163,7 +163,7 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
 def load_checkpoint(path: str | Path):
     import keras
 
-    import lung_models.registry as registry
+    from lung_models import registry
 
     registry.load_all()  # registers custom model classes before deserialising
     return keras.models.load_model(path)

@@ -60,7 +60,7 @@ def write_report(rows: list[dict[str, Any]], output_dir: str, input_dir: str) ->
     scoring.write_report(rows, path)
     ok = sum(r["status"] == "ok" for r in rows)
     errors = [r for r in rows if r["status"] != "ok"]
-    lines = [f"# Scoring report", "", f"- input: `{input_dir}`", f"- CSV: [{path.name}]({path.resolve().as_uri()})",
+    lines = ["# Scoring report", "", f"- input: `{input_dir}`", f"- CSV: [{path.name}]({path.resolve().as_uri()})",
              f"- rows: {len(rows)} ({ok} ok, {len(errors)} errors)", ""]
     if errors:
         lines += ["| file | model | error |", "|---|---|---|"]

@@ -60,7 +60,7 @@ def evaluate_model(model_name: str, prepared: str, trained: dict[str, Any]) -> s
         fn = export.probability_function(model, spec.output, tuple(x.shape[1:]))
         probs = predict_split(fn, x, params)
         labels = list(range(len(spec.class_names)))
-        splits[split] = {"n": int(len(y)), "accuracy": float((probs.argmax(1) == y).mean()),
+        splits[split] = {"n": len(y), "accuracy": float((probs.argmax(1) == y).mean()),
                          "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels))}
         if split == "test":
             metrics = evaluation.classification_metrics(y, probs, list(spec.class_names))
