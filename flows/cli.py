@@ -18,6 +18,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, export and serve the documented lung-imaging models.")
 
 
+def _check_models(names: list[str] | None) -> None:
+    """Refuse unknown model names before any flow starts."""
+    from lung_models import registry
+
+    for name in names or []:
+        try:
+            registry.get(name)
+        except KeyError as exc:
+            raise typer.BadParameter(str(exc.args[0]), param_hint="--models") from None
+
+
 @app.command()
 def models() -> None:
     """List the registered models."""
@@ -42,6 +53,7 @@ def train(
     """Run the train flow: fetch, preprocess, train, evaluate and export each model."""
     from flows.train import train_models
 
+    _check_models(models)
     bundles = train_models(models=models, profile=profile, source=source, data_dir=data_dir,
                            exports_dir=exports_dir, work_dir=work_dir, epochs=epochs,
                            batch_size=batch_size, max_per_class=max_per_class)
@@ -55,6 +67,7 @@ def score(input_dir: str, output_dir: str,
     """Run the score flow on a folder and print the CSV's path."""
     from flows.score import score_folder
 
+    _check_models(models)
     typer.echo(score_folder(input_dir=input_dir, output_dir=output_dir, models=models,
                             exports_dir=exports_dir, batch_size=batch_size))
 
@@ -69,6 +82,7 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
     from lung_models.bundle import load_bundle
     from lung_models.data.phantoms import write_incoming
 
+    _check_models(models)
     started = time.perf_counter()
     bundles = train_models(models=models, profile="demo", source="generated", exports_dir=exports_dir,
                            work_dir=work_dir)

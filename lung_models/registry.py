@@ -52,6 +52,9 @@ class TrainingRecipe:
     checkpoint_monitor: str = "val_loss"
     augmentation: dict[str, Any] | None = None
     max_per_class: int | None = None  # None: every file the data set has
+    # Keyword options for the family's build() that change no layer or size, e.g. the momentum
+    # of BatchNormalization's moving statistics.
+    build_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,22 @@ def score_files(model: LoadedModel, files: Iterable[Path], root: Path, hashes: d
         yield from flush()
 
 
-def files_for(model: LoadedModel, files: list[Path]) -> list[Path]:
-    kind = MODALITY_FILE_KIND[model.bundle.modality]
+def files_for(bundle: ModelBundle, files: list[Path]) -> list[Path]:
+    kind = MODALITY_FILE_KIND[bundle.modality]
     return [f for f in files if file_kind(f) == kind]
+
+
+def refused_rows(bundle: ModelBundle, files: Iterable[Path], root: Path, hashes: dict[str, str],
+                 reason: str) -> list[dict[str, Any]]:
+    """Rows for files a model could not score at all (its bundle was refused), so the report
+    still lists every (file, model) pair and says why."""
+    rows = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        rows.append({"relative_path": rel, "file_sha256": hashes.get(rel, ""), "model": bundle.name,
+                     "model_version": bundle.version, "provider": "", "scored_utc": _now(),
+                     "predicted_class": "", "status": "error", "error": reason})
+    return rows
 
 
 def hash_files(files: list[Path], root: Path) -> dict[str, str]:

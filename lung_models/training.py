@@ -121,7 +121,7 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     params = data.manifest["preprocessing"]
     n_classes = len(spec.class_names)
 
-    model = build(spec, input_shape=input_shape)
+    model = build(spec, input_shape=input_shape, **(recipe.build_options or {}))
     model.compile(optimizer=make_optimizer(recipe), loss=recipe.loss, metrics=["accuracy"])
     x_train, y_train = data.arrays("train")
     x_val, y_val = data.arrays("val")
@@ -166,7 +166,8 @@ def load_checkpoint(path: str | Path):
     from lung_models import registry
 
     registry.load_all()  # registers custom model classes before deserialising
-    return keras.models.load_model(path)
+    # Our own checkpoints: a model wrapping a TF-Hub SavedModel (TFSMLayer) needs safe_mode off.
+    return keras.models.load_model(path, safe_mode=False)
 
 
 def history_of(path: str | Path) -> dict[str, list[float]]:

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from lung_models import scoring
 from lung_models.bundle import latest_bundles
-from tasks.common import say
+from tasks.common import run_logger, say
 
 
 @task(name="find-incoming-files")
@@ -37,12 +37,17 @@ def find_bundles(exports_dir: str, models: list[str] | None = None) -> list[str]
 def score_with_model(bundle_path: str, input_dir: str, files: list[str], hashes: dict[str, str],
                      batch_size: int = 8) -> list[dict[str, Any]]:
     """All files of this model's kind, in batches, in one task (not one task per file)."""
-    from lung_models.bundle import load_bundle
+    from lung_models.bundle import BundleError, load_bundle
 
     root = Path(input_dir)
-    model = scoring.open_model(load_bundle(bundle_path))
-    todo = scoring.files_for(model, [root / f for f in files])
-    say(f"{model.bundle.name} {model.bundle.version}: scoring {len(todo)} files on {model.provider}")
+    bundle = load_bundle(bundle_path)
+    todo = scoring.files_for(bundle, [root / f for f in files])
+    try:
+        model = scoring.open_model(bundle)
+    except (BundleError, RuntimeError, OSError) as exc:  # one refused model must not sink the night
+        run_logger().error("%s %s refused: %s", bundle.name, bundle.version, exc)
+        return scoring.refused_rows(bundle, todo, root, hashes, f"model refused: {exc}")
+    say(f"{bundle.name} {bundle.version}: scoring {len(todo)} files on {model.provider}")
     rows = list(scoring.score_files(model, todo, root, hashes, batch_size=batch_size))
     errors = sum(r["status"] != "ok" for r in rows)
     say(f"{model.bundle.name}: {len(rows) - errors} ok, {errors} error rows")

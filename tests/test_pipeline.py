@@ -219,3 +219,21 @@ def test_a_tampered_onnx_file_is_refused(factory, tmp_path):
         f.write(b"\0")
     with pytest.raises(BundleError, match="does not match"):
         scoring.open_model(load_bundle(bundle_dir))
+
+
+def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(factory, tmp_path):
+    from flows.score import score_folder
+
+    exports = tmp_path / "exports"
+    shutil.copytree(factory["exports"], exports)
+    tampered = latest_bundles(exports)["mosmed-3dcnn"].onnx_path
+    tampered.write_bytes(tampered.read_bytes() + b"\0")
+    folder = tmp_path / "incoming"
+    phantoms.write_incoming(folder, seed=9, n_tiles=2, n_volumes=1, corrupt=False, tile_size=128,
+                            in_plane=64, slices=30)
+    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports))
+    df = pd.read_csv(csv, keep_default_na=False)
+    vol = df[df.model == "mosmed-3dcnn"]
+    assert len(vol) == 1 and vol.status.iloc[0] == "error" and "does not match" in vol.error.iloc[0]
+    tiles = df[df.model == "lc25000-cnn"]
+    assert len(tiles) == 2 and set(tiles.status) == {"ok"}

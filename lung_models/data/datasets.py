@@ -73,17 +73,24 @@ def limit_per_class(items: list[Item], max_per_class: int | None, seed: int) -> 
 
 
 def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item]]:
-    """Stratified, seeded train/val/test split with the fractions in ``split``."""
-    from sklearn.model_selection import train_test_split
+    """Seeded train/val/test split with the fractions in ``split``, stratified by class.
 
-    labels = [i.label for i in items]
-    seed = split["seed"]
-    holdout = split["val"] + split["test"]
-    train, rest = train_test_split(items, test_size=holdout, random_state=seed, stratify=labels)
-    rest_labels = [i.label for i in rest]
-    val, test = train_test_split(rest, test_size=split["test"] / holdout, random_state=seed,
-                                 stratify=rest_labels)
-    return {"train": train, "val": val, "test": test}
+    Each class is shuffled with the seed and cut by the fractions (rounded, at least one item in
+    val and test when the class has three or more), so even a tiny data set keeps every class in
+    every split.
+    """
+    rng = np.random.default_rng(split["seed"])
+    out: dict[str, list[Item]] = {name: [] for name in SPLITS}
+    for label in sorted({i.label for i in items}):
+        group = [i for i in items if i.label == label]
+        group = [group[j] for j in rng.permutation(len(group))]
+        n = len(group)
+        n_test = max(1, round(n * split["test"])) if n >= 3 else 0
+        n_val = max(1, round(n * split["val"])) if n >= 3 else 0
+        out["test"] += group[:n_test]
+        out["val"] += group[n_test:n_test + n_val]
+        out["train"] += group[n_test + n_val:]
+    return {name: sorted(v, key=lambda i: str(i.path)) for name, v in out.items()}
 
 
 def reader_for(params: dict[str, Any]) -> Callable[[Path], np.ndarray]:

@@ -1,0 +1,248 @@
+"""Generated phantoms: determinism, formats, plausible values, class differences and file layouts."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from lung_models.data import phantoms
+from lung_models.data.phantoms import (
+    LC25000_CLASSES,
+    MOSMED_CLASSES,
+    ct_volume,
+    histology_tile,
+    write_dataset,
+    write_incoming,
+)
+
+GGO_RANGE = (-700, -300)
+
+
+def rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(list(key))
+
+
+def white_fraction(tile: np.ndarray) -> float:
+    """Lumen, air space and glass: every channel bright."""
+    return float((tile.min(axis=-1) > 200).mean())
+
+
+def nuclear_fraction(tile: np.ndarray) -> float:
+    """Haematoxylin-dark pixels: dark, and bluer than red."""
+    r, g, b = (tile[..., i].astype(int) for i in range(3))
+    return float(((r < 150) & (g < 130) & (b > r + 15)).mean())
+
+
+def lung_region(volume: np.ndarray) -> np.ndarray:
+    """Air-density voxels enclosed by the body (lungs and airways), as a radiologist would segment.
+
+    The body is the largest connected soft-tissue-or-denser component (the table is separate);
+    its holes, filled slice by slice, are the lungs.
+    """
+    labels, n = ndimage.label(volume > -500)
+    body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    filled = np.stack([ndimage.binary_fill_holes(body[:, :, k]) for k in range(volume.shape[2])], axis=2)
+    return filled & (volume < -500)
+
+
+# --- histology tiles --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", LC25000_CLASSES)
+def test_tile_is_uint8_rgb_and_deterministic_by_seed(cls):
+    a, b, other = histology_tile(cls, rng(1), 128), histology_tile(cls, rng(1), 128), histology_tile(cls, rng(2), 128)
+    assert a.dtype == np.uint8 and a.shape == (128, 128, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, other)
+    assert a.min() < 120 and a.max() > 200  # dark nuclei and bright spaces or highlights, not a flat wash
+
+
+def test_default_tile_is_lc25000_sized():
+    assert histology_tile("lung_aca", rng(0)).shape == (768, 768, 3)
+
+
+def test_tiles_have_h_and_e_colours():
+    # Eosin (pink) and haematoxylin (blue-purple) both absorb green most, so every tissue pixel
+    # on average has green below red and blue.
+    for cls in LC25000_CLASSES:
+        mean = histology_tile(cls, rng(3), 128).reshape(-1, 3).mean(axis=0)
+        assert mean[1] < mean[0] and mean[1] < mean[2], (cls, mean)
+
+
+def test_tile_classes_differ_as_lc25000_classes_do():
+    # Medians over a few tiles: single tiles vary on purpose (filled lumina, specimen edges).
+    tiles = {cls: [histology_tile(cls, rng(i, 7), 96) for i in range(8)] for cls in LC25000_CLASSES}
+    white = {cls: np.median([white_fraction(t) for t in ts]) for cls, ts in tiles.items()}
+    nuclear = {cls: np.median([nuclear_fraction(t) for t in ts]) for cls, ts in tiles.items()}
+    # Normal lung is mostly air space, adenocarcinoma has gland lumina, squamous nests are solid.
+    assert white["lung_n"] > white["lung_aca"] > white["lung_scc"], white
+    assert white["lung_aca"] > 0.03 and white["lung_scc"] < 0.03, white
+    # Squamous sheets are crowded with large nuclei; alveolar walls carry few.
+    assert nuclear["lung_scc"] > 3 * nuclear["lung_n"], nuclear
+
+
+def test_stain_varies_between_tiles_of_a_class():
+    means = np.array([histology_tile("lung_scc", rng(i, 9), 96).reshape(-1, 3).mean(axis=0) for i in range(6)])
+    assert means.std(axis=0).max() > 3  # grey levels: the colour is not a class giveaway
+
+
+def test_unknown_tile_class_is_rejected():
+    with pytest.raises(ValueError, match="lung_aca"):
+        histology_tile("lung_xyz", rng(0), 64)
+
+
+# --- CT volumes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", MOSMED_CLASSES)
+def test_volume_is_int16_hu_and_deterministic_by_seed(cls):
+    (a, aff_a), (b, aff_b) = ct_volume(cls, rng(1), 64, 16), ct_volume(cls, rng(1), 64, 16)
+    other, _ = ct_volume(cls, rng(2), 64, 16)
+    assert a.dtype == np.int16 and a.shape == (64, 64, 16)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(aff_a, aff_b)
+    assert not np.array_equal(a, other)
+
+
+def test_default_volume_geometry_and_hu_ranges():
+    volume, affine = ct_volume("normal", rng(3))
+    assert volume.shape == (256, 256, 48) and volume.dtype == np.int16
+    assert affine.shape == (4, 4)
+    np.testing.assert_array_equal(affine[3], [0, 0, 0, 1])
+    np.testing.assert_array_equal(affine[:3, :3], np.diag(np.diag(affine[:3, :3])))  # axis-aligned RAS
+    sx, sy, sz = np.diag(affine)[:3]
+    assert sx == sy and 0.5 < sx < 2.0 and 1.5 <= sz <= 5.0
+    assert -1025 <= volume.min() <= -1000  # air, and the constant outside the reconstruction circle
+    assert 400 < volume.max() < 3072  # cortical bone
+    assert abs(np.median(volume[:8, :8, :]) + 1000) <= 30  # corner air
+    lungs = lung_region(volume)
+    assert 0.05 < lungs.mean() < 0.4
+    lung_hu = volume[lungs]
+    assert -900 < lung_hu.mean() < -800, lung_hu.mean()
+    assert ((lung_hu >= -950) & (lung_hu <= -750)).mean() > 0.7
+    body_soft = volume[(volume > -200) & (volume < 200)]
+    assert body_soft.size > 0.1 * volume.size  # fat, muscle, heart, mediastinum
+
+
+def test_explicit_spacing_is_used_as_given():
+    _, affine = ct_volume("abnormal", rng(4), 96, 12, spacing=(0.75, 0.75, 2.5))
+    np.testing.assert_allclose(np.diag(affine)[:3], [0.75, 0.75, 2.5])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_abnormal_volumes_have_ground_glass(seed):
+    normal, _ = ct_volume("normal", rng(seed), 128, 24)
+    abnormal, _ = ct_volume("abnormal", rng(seed), 128, 24)
+
+    def ggo(v: np.ndarray) -> np.ndarray:
+        return (v >= GGO_RANGE[0]) & (v <= GGO_RANGE[1])
+
+    assert ggo(abnormal).mean() > 1.4 * ggo(normal).mean()
+    # Within the lungs (air-density or ground-glass voxels inside the body) the opacities cover a
+    # clearly visible share, while normal lungs show only partial-volume edges.
+    def share(v: np.ndarray) -> float:
+        labels, _ = ndimage.label(v > -200)
+        body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+        lungs = np.stack([ndimage.binary_fill_holes(body[:, :, k]) for k in range(v.shape[2])], axis=2) & (v < -200)
+        return float(ggo(v)[lungs].mean())
+
+    assert share(abnormal) > 0.1 and share(abnormal) > 1.8 * share(normal), (share(abnormal), share(normal))
+
+
+def test_unknown_ct_class_is_rejected():
+    with pytest.raises(ValueError, match="abnormal"):
+        ct_volume("covid", rng(0), 32, 4)
+
+
+# --- data-set layouts ----------------------------------------------------------------------------
+
+
+def files_under(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_lc25000_layout_matches_the_real_data_set(tmp_path):
+    write_dataset("lc25000", tmp_path, 2, seed=3, size=64)
+    expected = [f"lung_image_sets/{c}/{c.replace('_', '')}{i}.jpeg" for c in LC25000_CLASSES for i in (1, 2)]
+    assert files_under(tmp_path) == sorted(expected)
+    with Image.open(tmp_path / "lung_image_sets/lung_scc/lungscc2.jpeg") as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (64, 64)
+
+
+def test_items_depend_only_on_seed_class_and_index(tmp_path):
+    write_dataset("lc25000", tmp_path / "a", 2, seed=3, size=48)
+    write_dataset("lc25000", tmp_path / "b", 1, seed=3, size=48, classes=["lung_scc"])
+    write_dataset("lc25000", tmp_path / "c", 1, seed=4, size=48, classes=["lung_scc"])
+    name = "lung_image_sets/lung_scc/lungscc1.jpeg"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
+
+
+def test_mosmed_layout_and_nifti_header(tmp_path):
+    write_dataset("mosmed", tmp_path / "a", 2, seed=4, in_plane=48, slices=(8, 10))
+    assert files_under(tmp_path / "a") == ["CT-0/study_0001.nii.gz", "CT-0/study_0002.nii.gz",
+                                           "CT-23/study_0001.nii.gz", "CT-23/study_0002.nii.gz"]
+    img = nib.load(tmp_path / "a/CT-23/study_0002.nii.gz")
+    data = np.asarray(img.dataobj)
+    assert data.dtype == np.int16 and data.shape[:2] == (48, 48) and 8 <= data.shape[2] <= 10
+    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    np.testing.assert_allclose(img.header.get_zooms(), spacing, rtol=1e-6)
+    assert img.header.get_xyzt_units()[0] == "mm"
+    assert int(img.header["sform_code"]) > 0 and int(img.header["qform_code"]) > 0
+    # Class order and count do not change an item: the abnormal study 1 is the same file.
+    write_dataset("mosmed", tmp_path / "b", 1, seed=4, in_plane=48, slices=(8, 10), classes=["abnormal"])
+    name = "CT-23/study_0001.nii.gz"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_unknown_kind_and_parameters_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="lc25000, mosmed"):
+        write_dataset("chestxray", tmp_path, 1, seed=0)
+    with pytest.raises(TypeError):
+        write_dataset("lc25000", tmp_path, 1, seed=0, in_plane=64)
+
+
+def test_interrupted_write_leaves_only_complete_files(tmp_path, monkeypatch):
+    real_tile = phantoms.histology_tile
+    calls = []
+
+    def failing_tile(cls, generator, size=768):
+        calls.append(cls)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_tile(cls, generator, size)
+
+    monkeypatch.setattr(phantoms, "histology_tile", failing_tile)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset("lc25000", tmp_path, 3, seed=1, size=48)
+    assert files_under(tmp_path) == ["lung_image_sets/lung_aca/lungaca1.jpeg"]
+    with Image.open(tmp_path / "lung_image_sets/lung_aca/lungaca1.jpeg") as im:
+        im.load()
+
+
+# --- incoming folder -------------------------------------------------------------------------------
+
+
+def test_write_incoming_makes_unlabelled_files_and_one_corrupt_scan(tmp_path):
+    root = tmp_path / "incoming"
+    paths = write_incoming(root, seed=5, n_tiles=3, n_volumes=1, tile_size=64, in_plane=48, slices=8)
+    assert sorted(p.relative_to(root).as_posix() for p in paths) == files_under(root) == [
+        "ct/broken_scan.nii.gz", "ct/scan_001.nii.gz", "slide_001.png", "slide_002.jpg", "slide_003.png"]
+    for p in paths:
+        assert not any(label in p.name for label in (*LC25000_CLASSES, *MOSMED_CLASSES, "aca", "scc"))
+    for p in paths:
+        if p.suffix in (".png", ".jpg"):
+            with Image.open(p) as im:
+                im.load()
+                assert im.size == (64, 64)
+    assert np.asarray(nib.load(root / "ct/scan_001.nii.gz").dataobj).shape == (48, 48, 8)
+    with pytest.raises((EOFError, OSError, ValueError)):
+        np.asarray(nib.load(root / "ct/broken_scan.nii.gz").dataobj)
+
+
+def test_write_incoming_without_corrupt_file(tmp_path):
+    paths = write_incoming(tmp_path, seed=6, n_tiles=1, n_volumes=0, corrupt=False, tile_size=48)
+    assert [p.name for p in paths] == ["slide_001.png"]
