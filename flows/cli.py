@@ -49,6 +49,8 @@ def train(
     work_dir: str = typer.Option("work", help="downloads, caches and training runs"),
     epochs: int | None = typer.Option(None), batch_size: int | None = typer.Option(None),
     max_per_class: int | None = typer.Option(None, help="use at most this many files per class"),
+    weights: str | None = typer.Option(None, help="pretrained | random | path to a weights file or TF-Hub "
+                                                  "module folder (default: the profile's)"),
 ) -> None:
     """Run the train flow: fetch, preprocess, train, evaluate and export each model."""
     from flows.train import train_models
@@ -56,7 +58,7 @@ def train(
     _check_models(models)
     bundles = train_models(models=models, profile=profile, source=source, data_dir=data_dir,
                            exports_dir=exports_dir, work_dir=work_dir, epochs=epochs,
-                           batch_size=batch_size, max_per_class=max_per_class)
+                           batch_size=batch_size, max_per_class=max_per_class, weights=weights)
     typer.echo(json.dumps(bundles, indent=2))
 
 
@@ -90,14 +92,21 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
     write_incoming(incoming, seed=int(time.time()) % 100000)
     report = score_folder(input_dir=str(incoming), output_dir=str(Path(work_dir) / "reports"),
                           exports_dir=exports_dir)
-    typer.echo("\n=== demo summary ===")
+    typer.echo("\n=== demo summary (generated data, demo profile) ===")
+    typer.echo(f"{'model':26s} {'train acc/loss':>15s} {'val acc/loss':>15s} {'test acc/loss':>15s}  test 95% CI")
     for name, path in bundles.items():
         card = load_bundle(path).card
         m = card["metrics"]
         lo, hi = m["accuracy_ci95_wilson"]
-        typer.echo(f"{name:28s} test accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={m['n']})"
-                   f"  weights: {card['weights_init']}  trained on {card['training']['device']}")
-        typer.echo(f"{'':28s} bundle {path}")
+        cells = [f"{m['splits'][s]['accuracy']:.3f}/{m['splits'][s]['loss']:.3f}" for s in ("train", "val", "test")]
+        typer.echo(f"{name:26s} {cells[0]:>15s} {cells[1]:>15s} {cells[2]:>15s}  {lo:.3f}-{hi:.3f} (n={m['n']})")
+        if card["weights_init"].startswith("RANDOM"):
+            typer.echo(f"{'':26s} ^ {card['weights_init']}")
+        choice = (card["training"].get("finalize") or {}).get("summary")
+        if choice:
+            typer.echo(f"{'':26s} ^ {choice}")
+    typer.echo(f"devices: training on {sorted({load_bundle(p).card['training']['device'] for p in bundles.values()})}")
+    typer.echo(f"bundles: {Path(exports_dir).resolve()}")
     typer.echo(f"incoming files: {incoming}")
     typer.echo(f"scores CSV:     {report}")
     typer.echo(f"wall time:      {time.perf_counter() - started:.0f} s")

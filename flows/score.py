@@ -14,5 +14,5 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
     incoming = find_incoming(input_dir)
     rows = []
     for bundle in find_bundles(exports_dir, models):
-        rows += score_with_model(bundle, input_dir, incoming["files"], incoming["hashes"], batch_size)
+        rows += score_with_model(bundle, input_dir, incoming, batch_size)
     return write_report(rows, output_dir, input_dir)

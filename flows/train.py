@@ -13,24 +13,29 @@ from tasks.training import evaluate_model, export_model, train_model
 def train_models(models: list[str] | None = None, profile: str = "demo", source: str = "generated",
                  data_dir: str | None = None, exports_dir: str = "exports", work_dir: str = "work",
                  epochs: int | None = None, batch_size: int | None = None,
-                 max_per_class: int | None = None, seed: int = 1337,
+                 max_per_class: int | None = None, seed: int = 1337, weights: str | dict[str, str] | None = None,
                  input_shape: dict[str, list[int]] | None = None) -> dict[str, str]:
     """Train, evaluate and export each model; returns ``{model: bundle folder}``.
 
     ``profile`` is ``full`` (the documented recipe) or ``demo`` (few epochs, small generated
     data); ``source`` is ``generated``, ``kaggle``, ``url`` or ``local`` (with ``data_dir``).
+    ``weights`` is ``pretrained``, ``random`` (said loudly in logs and cards) or a local weights
+    file / TF-Hub module folder (or a dict of those by model name); by default each profile's
+    choice (``demo`` uses ``random``: pretrained weights cannot be fetched offline).
     ``input_shape`` (for tests) maps a model name to a smaller input size.
     """
-    names = models or registry.names()
-    for name in names:
-        registry.get(name)  # fail before any work on an unknown name
-    bundles = {}
+    # Dependencies first (an ensemble is built from its trained submodels); unknown names fail here.
+    names = registry.training_order(models or registry.names())
+    bundles, checkpoints = {}, {}
     for name in names:
         shape = (input_shape or {}).get(name)
         data = fetch_data(name, source, profile, work_dir, data_dir, seed)
         prepared = preprocess_data(name, data["root"], work_dir, max_per_class, shape)
-        overrides = {"epochs": epochs, "batch_size": batch_size}
-        trained = train_model(name, prepared, work_dir, profile, overrides, seed, shape)
+        model_weights = weights.get(name) if isinstance(weights, dict) else weights
+        overrides = {"epochs": epochs, "batch_size": batch_size, "weights": model_weights}
+        parts = {dep: checkpoints[dep] for dep in registry.get(name).spec.depends_on}
+        trained = train_model(name, prepared, work_dir, profile, overrides, seed, shape, parts)
+        checkpoints[name] = trained["checkpoint"]
         metrics = evaluate_model(name, prepared, trained)
         bundles[name] = export_model(name, prepared, trained, metrics, data, exports_dir)
     return bundles

@@ -14,6 +14,10 @@ def probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
     if output_kind == "sigmoid":
         p1 = outputs.reshape(-1)
         return np.stack([1.0 - p1, p1], axis=1)
+    if output_kind == "logits":
+        from scipy.special import softmax
+
+        return softmax(outputs, axis=1)
     return outputs
 
 

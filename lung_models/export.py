@@ -37,6 +37,8 @@ def probability_function(model, output_kind: str, input_shape: tuple[int, ...]):
         y = model(x, training=False)
         if output_kind == "sigmoid":
             y = tf.concat([1.0 - y, y], axis=1)
+        elif output_kind == "logits":
+            y = tf.nn.softmax(y, axis=1)
         return tf.identity(y, name="probabilities")
 
     return probabilities

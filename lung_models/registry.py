@@ -55,6 +55,12 @@ class TrainingRecipe:
     # Keyword options for the family's build() that change no layer or size, e.g. the momentum
     # of BatchNormalization's moving statistics.
     build_options: dict[str, Any] | None = None
+    # "pretrained" (the spec's pretrained weights), "random" (random initialisation, said loudly
+    # in the log and the model card) or a path to a local weights file / TF-Hub module folder.
+    weights: str = "pretrained"
+    loss_options: dict[str, Any] | None = None  # e.g. focal loss gamma, alpha="balanced"
+    reduce_lr: dict[str, Any] | None = None  # ReduceLROnPlateau arguments
+    stop_above: dict[str, Any] | None = None  # {"monitor": "val_accuracy", "value": 0.9}
 
 
 @dataclass(frozen=True)
@@ -65,19 +71,24 @@ class ModelSpec:
     modality: str
     input_shape: tuple[int, ...]
     class_names: tuple[str, ...]
-    output: str  # "sigmoid" (one unit, P(class_names[1])) or "softmax"
+    output: str  # "sigmoid" (one unit, P(class_names[1])), "softmax" or "logits"
     preprocessing: dict[str, Any]
     dataset: DatasetSpec
     recipe: TrainingRecipe
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     documented_metrics: dict[str, Any] = field(default_factory=dict)
+    # Where pretrained weights come from, e.g. {"kind": "tfhub", "handle": ...} or
+    # {"kind": "keras_applications", "weights": "imagenet"}; None: trained from scratch.
+    pretrained: dict[str, Any] | None = None
+    # Models whose trained checkpoints this one is built from (trained first by the flow).
+    depends_on: tuple[str, ...] = ()
     notes: str = ""
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"{self.name}: unknown modality {self.modality!r}; use one of {MODALITIES}")
-        if self.output not in ("sigmoid", "softmax"):
-            raise ValueError(f"{self.name}: output must be 'sigmoid' or 'softmax', not {self.output!r}")
+        if self.output not in ("sigmoid", "softmax", "logits"):
+            raise ValueError(f"{self.name}: output must be 'sigmoid', 'softmax' or 'logits', not {self.output!r}")
         if self.output == "sigmoid" and len(self.class_names) != 2:
             raise ValueError(f"{self.name}: a sigmoid output needs exactly two class names")
 
@@ -101,7 +112,9 @@ class ModelSpec:
 @dataclass(frozen=True)
 class RegisteredModel:
     spec: ModelSpec
-    build: Callable[..., Any]  # build(spec, input_shape=None) -> keras.Model
+    build: Callable[..., Any]  # build(spec, input_shape=None, weights=..., parts=..., **options) -> keras.Model
+    # Optional step after fitting: finalize(spec, model, val_x, val_y, params) -> (model, card notes)
+    finalize: Callable[..., Any] | None = None
 
 
 REGISTRY: dict[str, RegisteredModel] = {}
@@ -110,19 +123,41 @@ REGISTRY: dict[str, RegisteredModel] = {}
 FAMILY_MODULES = (
     "lung_models.lc25000_cnn",
     "lung_models.mosmed_3dcnn",
+    "lung_models.chest_ct",
+    "lung_models.ct_inception_hub",
+    "lung_models.lc25000_inception",
 )
 
 
-def register(spec: ModelSpec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for a family's ``build(spec, input_shape=None)`` function."""
+def register(spec: ModelSpec, finalize: Callable[..., Any] | None = None
+             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a family's ``build(spec, input_shape=None, ...)`` function."""
 
     def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
         if spec.name in REGISTRY and REGISTRY[spec.name].build is not build:
             raise ValueError(f"model {spec.name!r} is registered twice")
-        REGISTRY[spec.name] = RegisteredModel(spec=spec, build=build)
+        REGISTRY[spec.name] = RegisteredModel(spec=spec, build=build, finalize=finalize)
         return build
 
     return decorator
+
+
+def training_order(names: list[str]) -> list[str]:
+    """``names`` plus everything they depend on, dependencies first (stable otherwise)."""
+    ordered: list[str] = []
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in trail:
+            raise ValueError(f"dependency cycle: {' -> '.join((*trail, name))}")
+        if name in ordered:
+            return
+        for dep in get(name).spec.depends_on:
+            visit(dep, (*trail, name))
+        ordered.append(name)
+
+    for name in names:
+        visit(name, ())
+    return ordered
 
 
 def load_all() -> dict[str, RegisteredModel]:

@@ -27,8 +27,10 @@ from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
 
 log = logging.getLogger(__name__)
 
-# Which incoming files each modality scores.
-MODALITY_FILE_KIND = {HISTOLOGY_TILE: "image", CT_SLICE: "image", CT_VOLUME: "volume"}
+# Which kinds of incoming file each modality scores. An image whose kind cannot be told (it does
+# not even open) goes to every image model, so each reports the error on its row.
+MODALITY_INPUTS = {HISTOLOGY_TILE: {HISTOLOGY_TILE, "image"}, CT_SLICE: {CT_SLICE, "image"},
+                   CT_VOLUME: {CT_VOLUME}}
 BASE_COLUMNS = ["relative_path", "file_sha256", "model", "model_version", "predicted_class",
                 "status", "error", "provider", "scored_utc"]
 
@@ -111,9 +113,29 @@ def score_files(model: LoadedModel, files: Iterable[Path], root: Path, hashes: d
         yield from flush()
 
 
-def files_for(bundle: ModelBundle, files: list[Path]) -> list[Path]:
-    kind = MODALITY_FILE_KIND[bundle.modality]
-    return [f for f in files if file_kind(f) == kind]
+def input_kind(path: Path) -> str:
+    """``ct_volume``, ``ct_slice`` (grey image), ``histology_tile`` (colour image) or ``image``
+    (an image that does not open: its error is reported by the models that would score it)."""
+    if file_kind(path) == "volume":
+        return CT_VOLUME
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                return CT_SLICE
+            img.draft("RGB", (128, 128))  # JPEG: decode at reduced size, it is only a colour check
+            thumb = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.int16)
+    except Exception:  # noqa: BLE001 - any failure: let the readers name the problem on the row
+        return "image"
+    # Stained tissue is colourful; a CT slice saved as RGB has (nearly) equal channels.
+    spread = np.abs(thumb - thumb.mean(axis=2, keepdims=True)).mean()
+    return CT_SLICE if spread < 2.0 else HISTOLOGY_TILE
+
+
+def files_for(bundle: ModelBundle, files: list[Path], kinds: dict[str, str], root: Path) -> list[Path]:
+    wanted = MODALITY_INPUTS[bundle.modality]
+    return [f for f in files if kinds.get(f.relative_to(root).as_posix()) in wanted]
 
 
 def refused_rows(bundle: ModelBundle, files: Iterable[Path], root: Path, hashes: dict[str, str],

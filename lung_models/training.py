@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ class TrainResult:
 def labels_for_loss(y: np.ndarray, loss: str, num_classes: int) -> np.ndarray:
     if loss == "binary_crossentropy":
         return y.astype("float32")[:, None]
-    if loss == "categorical_crossentropy":
+    if loss.startswith("categorical_"):
         return np.eye(num_classes, dtype="float32")[y]
     return y.astype("int64")
 
@@ -81,7 +82,7 @@ def make_optimizer(recipe: TrainingRecipe):
         lr = keras.optimizers.schedules.ExponentialDecay(
             recipe.learning_rate, decay_steps=sched["decay_steps"], decay_rate=sched["decay_rate"],
             staircase=sched.get("staircase", False))
-    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "lion": keras.optimizers.Lion}
     if recipe.optimizer not in optimizers:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: {', '.join(optimizers)}")
     return optimizers[recipe.optimizer](learning_rate=lr)
@@ -106,25 +107,88 @@ class _ProgressLog:
         return ProgressLog()
 
 
+def weights_description(spec: ModelSpec, recipe: TrainingRecipe) -> str:
+    """What the weights started from, in words the log and the model card repeat verbatim."""
+    if spec.pretrained is None:
+        return "random initialisation (trained from scratch, as documented)"
+    if recipe.weights == "random":
+        return (f"RANDOM INITIALISATION instead of the documented pretrained weights "
+                f"({spec.pretrained.get('handle') or spec.pretrained.get('weights')}): results are not "
+                "comparable with the documented ones")
+    if recipe.weights == "pretrained":
+        return f"pretrained: {spec.pretrained.get('handle') or spec.pretrained.get('weights')}"
+    return f"pretrained: local file {recipe.weights}"
+
+
+def make_loss(recipe: TrainingRecipe, y_train: np.ndarray, num_classes: int):
+    """The recipe's loss; ``alpha="balanced"`` becomes sklearn's balanced class weights."""
+    import keras
+
+    options = dict(recipe.loss_options or {})
+    if recipe.loss == "categorical_focal_crossentropy":
+        if options.get("alpha") == "balanced":
+            from sklearn.utils.class_weight import compute_class_weight
+
+            options["alpha"] = [float(w) for w in compute_class_weight(
+                "balanced", classes=np.arange(num_classes), y=y_train)]
+        return keras.losses.CategoricalFocalCrossentropy(**options)
+    if options:
+        return keras.losses.get({"class_name": recipe.loss, "config": options})
+    return recipe.loss
+
+
+class _StopAbove:
+    """Stop training once a monitored value exceeds a threshold (documented for mixed7)."""
+
+    def __new__(cls, monitor: str, value: float, say: Callable[[str], None]):
+        import keras
+
+        class StopAbove(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if (logs or {}).get(monitor, -np.inf) > value:
+                    say(f"{monitor} {logs[monitor]:.4f} > {value}: stopping")
+                    self.model.stop_training = True
+
+        return StopAbove()
+
+
+def build_model(build: Callable[..., Any], spec: ModelSpec, recipe: TrainingRecipe, *,
+                input_shape: tuple[int, ...] | None, parts: dict[str, str] | None, adapt_x: np.ndarray | None):
+    """Call a family's builder with the options it declares (weights, parts, adapt_x)."""
+    accepted = inspect.signature(build).parameters
+    kwargs: dict[str, Any] = dict(recipe.build_options or {})
+    optional = {"weights": recipe.weights, "parts": parts, "adapt_x": adapt_x}
+    kwargs.update({k: v for k, v in optional.items() if k in accepted})
+    return build(spec, input_shape=input_shape, **kwargs)
+
+
 def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe: TrainingRecipe,
           out_dir: Path, *, seed: int = 1337, input_shape: tuple[int, ...] | None = None,
+          parts: dict[str, str] | None = None, finalize: Callable[..., Any] | None = None,
           progress: Callable[[str], None] | None = None) -> TrainResult:
-    """Fit the model; keep the best checkpoint (by ``recipe.checkpoint_monitor``) and the history."""
+    """Fit the model; keep the best checkpoint (by ``recipe.checkpoint_monitor``) and the history.
+
+    ``parts`` maps the models this one is built from to their checkpoints; ``finalize`` (from the
+    registry) may replace the best model after fitting and explain its choice in the history.
+    """
     import keras
 
     say = progress or log.info
     device = configure_tensorflow()
-    say(f"{spec.name}: training on {device}")
+    weights = weights_description(spec, recipe)
+    say(f"{spec.name}: training on {device}; weights: {weights}")
     keras.utils.set_random_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = data.manifest["preprocessing"]
     n_classes = len(spec.class_names)
-
-    model = build(spec, input_shape=input_shape, **(recipe.build_options or {}))
-    model.compile(optimizer=make_optimizer(recipe), loss=recipe.loss, metrics=["accuracy"])
     x_train, y_train = data.arrays("train")
     x_val, y_val = data.arrays("val")
+
+    adapt_x = preprocess.batch_stage(x_train[: min(len(x_train), 256)], params)
+    model = build_model(build, spec, recipe, input_shape=input_shape, parts=parts, adapt_x=adapt_x)
+    model.compile(optimizer=make_optimizer(recipe), loss=make_loss(recipe, y_train, n_classes),
+                  metrics=["accuracy"])
     common = dict(batch_size=recipe.batch_size, params=params, loss=recipe.loss, num_classes=n_classes)
     train_batches = make_batches(x_train, y_train, shuffle=True, augmentation=recipe.augmentation,
                                  seed=seed, **common)
@@ -139,10 +203,14 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     ]
     if recipe.early_stopping:
         es = dict(recipe.early_stopping)
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=es["monitor"], patience=es["patience"],
-            restore_best_weights=es.get("restore_best_weights", False),
-            mode="max" if "acc" in es["monitor"] else "min"))
+        es.setdefault("mode", "max" if "acc" in es["monitor"] else "min")
+        callbacks.append(keras.callbacks.EarlyStopping(**es))
+    if recipe.reduce_lr:
+        rl = dict(recipe.reduce_lr)
+        rl.setdefault("mode", "max" if "acc" in rl["monitor"] else "min")
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(**rl))
+    if recipe.stop_above:
+        callbacks.append(_StopAbove(recipe.stop_above["monitor"], recipe.stop_above["value"], say))
     say(f"{spec.name}: {len(x_train)} train / {len(x_val)} val items, {recipe.epochs} epochs, "
         f"batch {recipe.batch_size}")
     started = time.perf_counter()
@@ -151,13 +219,19 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     seconds = time.perf_counter() - started
     if not checkpoint.exists():  # monitor never improved on its initial value (e.g. NaN loss)
         model.save(checkpoint)
+    notes: dict[str, Any] = {}
+    if finalize is not None:
+        best, notes = finalize(spec, load_checkpoint(checkpoint), preprocess.batch_stage(np.asarray(x_val), params),
+                               np.asarray(y_val))
+        best.save(checkpoint)
+        say(f"{spec.name}: {notes.get('summary', notes)}")
     history_path = out_dir / "history.json"
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     atomic_write_json(history_path, {"history": hist, "recipe": asdict(recipe), "device": device,
-                                     "seconds": seconds, "seed": seed})
+                                     "seconds": seconds, "seed": seed, "finalize": notes})
     say(f"{spec.name}: trained {len(hist.get('loss', []))} epochs in {seconds:.0f}s on {device}")
     return TrainResult(checkpoint=str(checkpoint), history=str(history_path), device=device,
-                       epochs_run=len(hist.get("loss", [])), seconds=seconds, weights_init="random")
+                       epochs_run=len(hist.get("loss", [])), seconds=seconds, weights_init=weights)
 
 
 def load_checkpoint(path: str | Path):

@@ -22,7 +22,8 @@ def find_incoming(input_dir: str) -> dict[str, Any]:
     files = scoring.discover(root)
     say(f"found {len(files)} image/volume files under {root}; hashing them")
     return {"files": [f.relative_to(root).as_posix() for f in files],
-            "hashes": scoring.hash_files(files, root)}
+            "hashes": scoring.hash_files(files, root),
+            "kinds": {f.relative_to(root).as_posix(): scoring.input_kind(f) for f in files}}
 
 
 @task(name="find-model-bundles")
@@ -34,14 +35,15 @@ def find_bundles(exports_dir: str, models: list[str] | None = None) -> list[str]
 
 
 @task(name="score-with-model")
-def score_with_model(bundle_path: str, input_dir: str, files: list[str], hashes: dict[str, str],
+def score_with_model(bundle_path: str, input_dir: str, incoming: dict[str, Any],
                      batch_size: int = 8) -> list[dict[str, Any]]:
     """All files of this model's kind, in batches, in one task (not one task per file)."""
     from lung_models.bundle import BundleError, load_bundle
 
     root = Path(input_dir)
     bundle = load_bundle(bundle_path)
-    todo = scoring.files_for(bundle, [root / f for f in files])
+    hashes = incoming["hashes"]
+    todo = scoring.files_for(bundle, [root / f for f in incoming["files"]], incoming["kinds"], root)
     try:
         model = scoring.open_model(bundle)
     except (BundleError, RuntimeError, OSError) as exc:  # one refused model must not sink the night

@@ -28,12 +28,13 @@ def run_dir(work_dir: str, model_name: str) -> Path:
 @task(name="train-model")
 def train_model(model_name: str, prepared: str, work_dir: str, profile: str = "full",
                 overrides: dict[str, Any] | None = None, seed: int = 1337,
-                input_shape: list[int] | None = None) -> dict[str, Any]:
+                input_shape: list[int] | None = None, parts: dict[str, str] | None = None) -> dict[str, Any]:
     entry = registry.get(model_name)
     recipe = entry.spec.recipe_for(profile, **(overrides or {}))
     result = training.train(entry.spec, entry.build, PreparedData(Path(prepared)), recipe,
                             run_dir(work_dir, model_name), seed=seed,
-                            input_shape=tuple(input_shape) if input_shape else None, progress=say)
+                            input_shape=tuple(input_shape) if input_shape else None, parts=parts,
+                            finalize=entry.finalize, progress=say)
     return {**dataclasses.asdict(result), "recipe": dataclasses.asdict(recipe), "profile": profile,
             "seed": seed}
 
@@ -94,7 +95,8 @@ def export_model(model_name: str, prepared: str, trained: dict[str, Any], metric
     card_extra = {
         "metrics": json.loads(Path(metrics_path).read_text()),
         "data": {**data_info, "cache": prepared, "skipped_files": data.manifest.get("skipped", [])},
-        "training": {k: trained[k] for k in ("device", "seconds", "epochs_run", "recipe", "profile", "seed")},
+        "training": {k: trained[k] for k in ("device", "seconds", "epochs_run", "recipe", "profile", "seed")}
+        | {"finalize": json.loads(Path(trained["history"]).read_text()).get("finalize") or None},
         "weights_init": trained["weights_init"],
     }
     files = {"metrics.json": run / "metrics.json", "split_manifest.json": run / "split_manifest.json",

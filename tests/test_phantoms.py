@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,8 +12,12 @@ from scipy import ndimage
 
 from lung_models.data import phantoms
 from lung_models.data.phantoms import (
+    CANCER_CLASSES,
+    CHEST_CLASSES,
+    CHEST_FOLDERS,
     LC25000_CLASSES,
     MOSMED_CLASSES,
+    ct_slice,
     ct_volume,
     histology_tile,
     write_dataset,
@@ -157,6 +163,102 @@ def test_unknown_ct_class_is_rejected():
         ct_volume("covid", rng(0), 32, 4)
 
 
+# --- CT slices (chest-ctscan-images) ---------------------------------------------------------------
+
+TUMOUR_CLASSES = [c for c in CHEST_CLASSES if c != "normal"]
+
+
+def body_midline(grey: np.ndarray) -> tuple[float, float]:
+    """Centre column and half-width (pixels) of the patient: the bright region, holes filled."""
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    body = ndimage.binary_fill_holes(grey > (np.median(border) + np.percentile(grey, 90)) / 2)
+    cols = np.flatnonzero(body.any(axis=0))
+    return (cols[0] + cols[-1]) / 2, (cols[-1] - cols[0]) / 2
+
+
+def tumour_change(cls: str, seed: int, size: int = 128) -> tuple[float, int, float]:
+    """Where ``cls`` changes the slice of the same seed's ``normal`` patient.
+
+    Returns the changed pixels' centroid distance from the body midline as a fraction of the body
+    half-width (0 centre, about 0.6 at the lateral pleura), the number of changed pixels and the
+    fraction of changed pixels outside the body.
+    """
+    normal = ct_slice("normal", rng(seed), size).astype(int)
+    diff = np.abs(ct_slice(cls, rng(seed), size).astype(int) - normal)
+    changed = diff > 8
+    if not changed.any():
+        return float("nan"), 0, 0.0
+    centre, half = body_midline(normal.astype(np.uint8))
+    rows, cols = np.nonzero(changed)
+    lateral = abs(float(np.average(cols, weights=diff[rows, cols])) - centre) / half
+    border = np.concatenate([normal[0], normal[-1], normal[:, 0], normal[:, -1]])
+    body = ndimage.binary_fill_holes(normal > (np.median(border) + np.percentile(normal, 90)) / 2)
+    return lateral, int(changed.sum()), float((changed & ~body).mean() / changed.mean())
+
+
+@pytest.mark.parametrize("cls", CHEST_CLASSES + CANCER_CLASSES)
+def test_ct_slice_is_uint8_2d_and_deterministic_by_seed(cls):
+    a, b, other = ct_slice(cls, rng(1), 128), ct_slice(cls, rng(1), 128), ct_slice(cls, rng(2), 128)
+    assert a.dtype == np.uint8 and a.shape == (128, 128)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, other)
+    assert int(a.max()) - int(a.min()) > 60  # air, lungs, soft tissue and bone, whatever the window
+
+
+def test_default_ct_slice_is_512_pixels():
+    assert ct_slice("normal", rng(0)).shape == (512, 512)
+
+
+def test_ct_slice_shows_a_chest_like_the_kaggle_pngs():
+    # Anterior up: the sternum side of the body is nearer the top than the table side is to the
+    # bottom; the lungs are the dark holes inside the body, about a fifth to a half of it.
+    for seed in range(4):
+        grey = ct_slice("normal", rng(seed, 3), 128)
+        border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+        body = grey > (np.median(border) + np.percentile(grey, 90)) / 2
+        filled = ndimage.binary_fill_holes(body)
+        lungs = filled & ~body
+        assert 0.15 < lungs.sum() / filled.sum() < 0.6, seed
+        assert np.median(grey[lungs]) < np.median(grey[body]) - 40, seed
+
+
+def test_two_class_variant_matches_the_four_class_slices():
+    # Tumours come from their own generator: one seed is one patient, scan and window in every class.
+    np.testing.assert_array_equal(ct_slice("Non-Cancerous", rng(4), 96), ct_slice("normal", rng(4), 96))
+    for seed in range(4):
+        cancer = ct_slice("Cancerous", rng(seed), 96)
+        assert any(np.array_equal(cancer, ct_slice(kind, rng(seed), 96)) for kind in TUMOUR_CLASSES), seed
+
+
+def test_each_cancer_changes_the_slice_where_it_grows():
+    # Same seed, same patient: the difference from the normal slice is the tumour alone. Squamous
+    # cell carcinoma sits at the hilum, by the mediastinum; the other two grow in the periphery.
+    seeds = range(10)
+    changes = {cls: [tumour_change(cls, s) for s in seeds] for cls in TUMOUR_CLASSES}
+    for cls, rows in changes.items():
+        for seed, (_, n_changed, outside_body) in zip(seeds, rows):
+            assert 8 < n_changed < 0.15 * 128 * 128, (cls, seed, n_changed)  # a lesion, not a new image
+            assert outside_body < 0.05, (cls, seed, outside_body)
+    lateral = {cls: np.median([r[0] for r in rows]) for cls, rows in changes.items()}
+    assert lateral["squamous.cell.carcinoma"] < 0.35, lateral
+    assert lateral["adenocarcinoma"] > 0.45 and lateral["large.cell.carcinoma"] > 0.45, lateral
+    area = {cls: np.median([r[1] for r in rows]) for cls, rows in changes.items()}
+    assert area["large.cell.carcinoma"] > 1.3 * area["adenocarcinoma"], area  # large masses vs nodules
+
+
+def test_cancer_classes_are_not_told_apart_by_brightness():
+    # Window, habitus and level vary far more between slices than a tumour shifts the mean grey level.
+    means = {cls: [float(ct_slice(cls, rng(s, 5), 96).mean()) for s in range(8)] for cls in CHEST_CLASSES}
+    spread = np.std(means["normal"])
+    for cls in TUMOUR_CLASSES:
+        assert abs(np.median(means[cls]) - np.median(means["normal"])) < 0.25 * spread, (cls, means)
+
+
+def test_unknown_chest_class_is_rejected():
+    with pytest.raises(ValueError, match="squamous.cell.carcinoma"):
+        ct_slice("lung_scc", rng(0), 64)
+
+
 # --- data-set layouts ----------------------------------------------------------------------------
 
 
@@ -196,6 +298,65 @@ def test_mosmed_layout_and_nifti_header(tmp_path):
     write_dataset("mosmed", tmp_path / "b", 1, seed=4, in_plane=48, slices=(8, 10), classes=["abnormal"])
     name = "CT-23/study_0001.nii.gz"
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_lc25000_accepts_its_classes_in_any_order(tmp_path):
+    write_dataset("lc25000", tmp_path, 1, seed=3, size=48, classes=("lung_n", "lung_aca", "lung_scc"))
+    assert files_under(tmp_path) == [f"lung_image_sets/{c}/{c.replace('_', '')}1.jpeg" for c in sorted(LC25000_CLASSES)]
+
+
+def test_chest_ct_layout_matches_the_real_data_set(tmp_path):
+    write_dataset("chest_ct", tmp_path, 10, seed=3, size=96)
+    files = files_under(tmp_path)
+    folders = {f.rsplit("/", 1)[0] for f in files}
+    long_names = {"adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa",
+                  "squamous.cell.carcinoma_left.hilum_T1_N2_M0_IIIa", "normal"}
+    assert set(CHEST_FOLDERS.values()) == long_names
+    assert folders == ({f"Data/train/{n}" for n in long_names} | {f"Data/valid/{n}" for n in long_names}
+                       | {f"Data/test/{c}" for c in CHEST_CLASSES})
+    per_folder = {folder: sum(f.startswith(folder + "/") for f in files) for folder in folders}
+    # 10 per class split roughly like the real 613/72/315, and never fewer than two.
+    assert all(n == 5 for f, n in per_folder.items() if f.startswith("Data/train")), per_folder
+    assert all(n == 2 for f, n in per_folder.items() if f.startswith("Data/valid")), per_folder
+    assert all(n == 3 for f, n in per_folder.items() if f.startswith("Data/test")), per_folder
+    assert all(re.fullmatch(r"\d{6}\.(png|jpg)", f.rsplit("/", 1)[1]) for f in files)
+    kinds, widths = set(), set()
+    for f in files:
+        with Image.open(tmp_path / f) as im:
+            im.load()
+            kinds.add((im.format, im.mode))
+            widths.add(im.size[0])
+            assert 0.85 * 96 - 1 <= im.size[0] <= 1.15 * 96 + 1 and 0.4 < im.size[1] / im.size[0] < 1.0, (f, im.size)
+            assert im.format == ("JPEG" if f.endswith(".jpg") else "PNG")
+    # Like the real files: RGBA, RGB and greyscale PNGs and a few JPEGs, of varying sizes.
+    assert {("PNG", "RGBA"), ("PNG", "RGB"), ("PNG", "L"), ("JPEG", "RGB")} <= kinds, kinds
+    assert len(widths) > 10
+
+
+def test_chest_ct_split_counts_and_item_independence(tmp_path):
+    write_dataset("chest_ct", tmp_path / "a", 8, seed=2, size=64, n_valid=2, n_test=2)
+    write_dataset("chest_ct", tmp_path / "b", 8, seed=2, size=64, n_valid=2, n_test=2, classes=["normal"])
+    a, b = files_under(tmp_path / "a"), files_under(tmp_path / "b")
+    assert len(a) == 32 and len([f for f in a if f.startswith("Data/train/")]) == 16
+    assert b == [f for f in a if "/normal/" in f]
+    for f in b:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    with pytest.raises(ValueError, match="n_per_class >= 6"):
+        write_dataset("chest_ct", tmp_path / "c", 5, seed=2, size=64)
+    with pytest.raises(ValueError, match="adenocarcinoma"):
+        write_dataset("chest_ct", tmp_path / "d", 6, seed=2, size=64, classes=["lung_aca"])
+
+
+def test_ct_cancer_layout_matches_the_real_data_set(tmp_path):
+    write_dataset("ct_cancer", tmp_path, 4, seed=1, size=64)
+    files = files_under(tmp_path)
+    base = "CT-Scan images/CT-Scan images/CT-Scan Images"
+    assert {f.rsplit("/", 1)[0] for f in files} == {f"{base}/Cancerous", f"{base}/Non-Cancerous"}
+    assert sum("/Cancerous/" in f for f in files) == sum("/Non-Cancerous/" in f for f in files) == 4
+    for f in files:
+        with Image.open(tmp_path / f) as im:
+            im.load()
+            assert im.mode in ("L", "RGB", "RGBA")
 
 
 def test_unknown_kind_and_parameters_are_rejected(tmp_path):

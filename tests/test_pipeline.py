@@ -20,14 +20,42 @@ from lung_models.bundle import LATEST, BundleError, latest_bundles, load_bundle
 from lung_models.data import datasets, phantoms
 from lung_models.fileutil import sha256_file
 
-# Small inputs per model: the 3D CNN needs at least 46 voxels a side for its four conv/pool blocks.
-TEST_INPUT = {"lc25000-cnn": [64, 64, 3], "mosmed-3dcnn": [48, 48, 48, 1]}
-TEST_DATA = {"lc25000-cnn": ("lc25000", {"size": 96, "classes": ["lung_aca", "lung_scc"]}, 16),
-             "mosmed-3dcnn": ("mosmed", {"in_plane": 64, "slices": (30, 36)}, 10)}
+# Small inputs per model (architectures are the documented ones; only the input size shrinks).
+# The 3D CNN needs at least 46 voxels a side for its four conv/pool blocks, InceptionV3 75 pixels.
+TEST_INPUT = {"lc25000-cnn": [64, 64, 3], "mosmed-3dcnn": [48, 48, 48, 1],
+              "chest-resnet50": [64, 64, 3], "chest-cnn": [64, 64, 3], "chest-ensemble": [64, 64, 3],
+              "chest-chained": [64, 64, 3], "ct-inception-hub": [64, 64, 3],
+              "lc25000-inception-mixed7": [80, 80, 3]}
+# Every data set, small, under one folder: the local source finds each layout below it.
+TEST_DATA = {"lc25000": ({"size": 96, "classes": ["lung_n", "lung_aca", "lung_scc"]}, 16),
+             "mosmed": ({"in_plane": 64, "slices": (30, 36)}, 10),
+             "chest_ct": ({"size": 96}, 16),
+             "ct_cancer": ({"size": 96}, 16)}
 
 
 def test_every_registered_model_has_test_settings():
     assert set(TEST_INPUT) == set(registry.names())
+
+
+def make_tiny_hub_module(path: Path) -> Path:
+    """A SavedModel with the TF-Hub image feature-vector signature (float images in [0, 1] of any
+    size → a feature vector), small enough to fine-tune in a test."""
+    import tensorflow as tf
+
+    class TinyFeatureVector(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, 16], seed=[1, 2]) * 0.2, name="conv/kernel")
+            self.bias = tf.Variable(tf.zeros([16]), name="conv/bias")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            y = tf.nn.relu(tf.nn.conv2d(images, self.kernel, 2, "SAME") + self.bias)
+            return tf.reduce_mean(y, axis=[1, 2])
+
+    module = TinyFeatureVector()
+    tf.saved_model.save(module, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,15 +64,15 @@ def factory(prefect_harness, tmp_path_factory):
     from flows.train import train_models
 
     root = tmp_path_factory.mktemp("factory")
-    bundles = {}
-    for name in registry.names():
-        kind, params, n = TEST_DATA[name]
-        data_dir = root / "data" / name
-        phantoms.write_dataset(kind, data_dir, n, seed=7, **params)
-        bundles.update(train_models(models=[name], profile="full", source="local", data_dir=str(data_dir),
-                                    exports_dir=str(root / "exports"), work_dir=str(root / "work"),
-                                    epochs=2, batch_size=4, input_shape={name: TEST_INPUT[name]}))
-    return {"root": root, "exports": root / "exports", "bundles": bundles}
+    for kind, (params, n) in TEST_DATA.items():
+        phantoms.write_dataset(kind, root / "data" / kind, n, seed=7, **params)
+    hub = make_tiny_hub_module(root / "tiny-hub-module")
+    weights = {name: "random" for name in registry.names() if registry.get(name).spec.pretrained}
+    weights["ct-inception-hub"] = str(hub)
+    bundles = train_models(models=registry.names(), profile="full", source="local", data_dir=str(root / "data"),
+                           exports_dir=str(root / "exports"), work_dir=str(root / "work"),
+                           epochs=2, batch_size=4, input_shape=TEST_INPUT, weights=weights)
+    return {"root": root, "exports": root / "exports", "bundles": bundles, "hub": hub}
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -141,35 +169,51 @@ CORRUPT = {
 }
 
 
-def make_incoming(folder: Path, shared: Path | None) -> dict[str, str]:
-    """Generated tiles and volumes, corrupt files and (when present) real samples; returns the
-    expected status of every file."""
+def make_incoming(folder: Path, shared: Path | None) -> dict[str, tuple[str, str]]:
+    """Generated tiles, CT slices and volumes, corrupt files and (when present) real samples;
+    returns ``{relative path: (input kind, expected status)}``."""
+    from PIL import Image
+
     expected = {}
-    for p in phantoms.write_incoming(folder / "generated", seed=5, n_tiles=3, n_volumes=1, corrupt=False):
-        expected[p.relative_to(folder).as_posix()] = "ok"
-    tile = next(p for p in folder.rglob("*.png"))
-    jpg_bytes = next(p for p in folder.rglob("*.jp*g")).read_bytes() if any(folder.rglob("*.jp*g")) else None
+    for p in phantoms.write_incoming(folder / "generated", seed=5, n_tiles=3, n_volumes=1, corrupt=False,
+                                     tile_size=256, in_plane=96, slices=40):
+        kind = "ct_volume" if p.name.endswith(".nii.gz") else "histology_tile"
+        expected[p.relative_to(folder).as_posix()] = (kind, "ok")
+    for i, cls in enumerate(phantoms.CHEST_CLASSES):
+        path = folder / "generated" / "slices" / f"slice_{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(phantoms.ct_slice(cls, np.random.default_rng(i), size=256)).save(path)
+        expected[path.relative_to(folder).as_posix()] = ("ct_slice", "ok")
+    tile = next(p for p in (folder / "generated").glob("*.png"))
+    jpg_bytes = next((folder / "generated").glob("*.jp*g")).read_bytes()
     bad = folder / "bad"
     bad.mkdir()
     vol = next(folder.rglob("*.nii.gz")).read_bytes()
     for name, data in CORRUPT.items():
         (bad / name).write_bytes(vol[: len(vol) // 3] if data is None else data)
-        expected[f"bad/{name}"] = "error"
+        expected[f"bad/{name}"] = ("ct_volume" if ".nii" in name else "image", "error")
     (bad / "cut.png").write_bytes(tile.read_bytes()[:200])
-    expected["bad/cut.png"] = "error"
-    if jpg_bytes:
-        (bad / "cut.jpg").write_bytes(jpg_bytes[: len(jpg_bytes) // 4])
-        expected["bad/cut.jpg"] = "error"
+    (bad / "cut.jpg").write_bytes(jpg_bytes[: len(jpg_bytes) // 4])
+    expected["bad/cut.png"] = expected["bad/cut.jpg"] = ("image", "error")
     if shared is not None:
         real = folder / "real"
         real.mkdir()
         shutil.copy(shared / "nifti" / "example_ct.nii.gz", real / "example_ct.nii.gz")
-        expected["real/example_ct.nii.gz"] = "ok"
+        expected["real/example_ct.nii.gz"] = ("ct_volume", "ok")
         for cls in ("lung_aca", "lung_scc", "lung_n"):
             src = sorted((shared / "lc25000-lung-224" / cls).iterdir())[0]
             shutil.copy(src, real / src.name)
-            expected[f"real/{src.name}"] = "ok"
+            expected[f"real/{src.name}"] = ("histology_tile", "ok")
+        for src in sorted((shared / "chest-ct-4class" / "valid").rglob("*.png"))[::20]:
+            shutil.copy(src, real / f"chest_{src.name.replace(' ', '_')}")
+            expected[f"real/chest_{src.name.replace(' ', '_')}"] = ("ct_slice", "ok")
     return expected
+
+
+def models_for(kind: str) -> set[str]:
+    accepts = {"histology_tile": {"histology_tile", "image"}, "ct_slice": {"ct_slice", "image"},
+               "ct_volume": {"ct_volume"}}
+    return {n for n in registry.names() if kind in accepts[registry.get(n).spec.modality]}
 
 
 def _score(factory, folder: Path, out: Path) -> pd.DataFrame:
@@ -180,34 +224,34 @@ def _score(factory, folder: Path, out: Path) -> pd.DataFrame:
     return pd.read_csv(csv, keep_default_na=False)
 
 
-def test_score_flow_scores_good_files_and_reports_bad_ones(factory, tmp_path, shared_data):
-    folder = tmp_path / "incoming"
-    expected = make_incoming(folder, shared_data)
-    df = _score(factory, folder, tmp_path / "reports")
-
-    kinds = {"image": "lc25000-cnn", "volume": "mosmed-3dcnn"}
-    want = {(f, kinds["volume" if f.endswith((".nii", ".nii.gz")) else "image"]) for f in expected}
+def check_report(df: pd.DataFrame, expected: dict[str, tuple[str, str]], factory, folder: Path) -> None:
+    want = {(f, m) for f, (kind, _) in expected.items() for m in models_for(kind)}
     assert set(zip(df.relative_path, df.model)) == want and len(df) == len(want)  # one row per (file, model)
     for _, row in df.iterrows():
-        assert row.status == expected[row.relative_path], (row.relative_path, row.error)
+        bundle = load_bundle(factory["bundles"][row.model])
+        assert row.status == expected[row.relative_path][1], (row.relative_path, row.model, row.error)
         if row.status == "ok":
-            probs = [float(row[c]) for c in df.columns if c.startswith("prob_") and row[c] != ""]
-            assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-4
-            assert row.predicted_class in load_bundle(factory["bundles"][row.model]).class_names
-            assert row.error == ""
+            probs = [float(row[f"prob_{c}"]) for c in bundle.class_names]
+            assert abs(sum(probs) - 1) < 1e-4 and row.error == ""
+            assert row.predicted_class == bundle.class_names[int(np.argmax(probs))]
         else:
             assert Path(row.relative_path).name in row.error and row.predicted_class == ""
         assert row.provider == "CPUExecutionProvider"
-        assert row.model_version == load_bundle(factory["bundles"][row.model]).version
+        assert row.model_version == bundle.version
         if row.relative_path != "bad/empty.png":
             assert row.file_sha256 == sha256_file(folder / row.relative_path)
+
+
+def test_score_flow_scores_good_files_and_reports_bad_ones(factory, tmp_path, shared_data):
+    folder = tmp_path / "incoming"
+    expected = make_incoming(folder, shared_data)
+    check_report(_score(factory, folder, tmp_path / "reports"), expected, factory, folder)
 
 
 def test_score_flow_without_shared_data_still_scores_generated_and_corrupt(factory, tmp_path):
     folder = tmp_path / "incoming"
     expected = make_incoming(folder, None)
-    df = _score(factory, folder, tmp_path / "reports")
-    assert dict(zip(df.relative_path, df.status)) == expected
+    check_report(_score(factory, folder, tmp_path / "reports"), expected, factory, folder)
 
 
 def test_a_tampered_onnx_file_is_refused(factory, tmp_path):
@@ -229,7 +273,7 @@ def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(fac
     tampered = latest_bundles(exports)["mosmed-3dcnn"].onnx_path
     tampered.write_bytes(tampered.read_bytes() + b"\0")
     folder = tmp_path / "incoming"
-    phantoms.write_incoming(folder, seed=9, n_tiles=2, n_volumes=1, corrupt=False, tile_size=128,
+    phantoms.write_incoming(folder, seed=9, n_tiles=2, n_volumes=1, corrupt=False, tile_size=256,
                             in_plane=64, slices=30)
     csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports))
     df = pd.read_csv(csv, keep_default_na=False)
@@ -237,3 +281,4 @@ def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(fac
     assert len(vol) == 1 and vol.status.iloc[0] == "error" and "does not match" in vol.error.iloc[0]
     tiles = df[df.model == "lc25000-cnn"]
     assert len(tiles) == 2 and set(tiles.status) == {"ok"}
+    assert set(df[df.model != "mosmed-3dcnn"].status) == {"ok"}

@@ -6,6 +6,7 @@ second run with the same data and parameters reuses it, and any change rebuilds 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 from collections.abc import Callable
@@ -34,30 +35,68 @@ class Item:
     label: int
 
 
+def _class_of(folder_name: str, dataset: DatasetSpec, class_names: tuple[str, ...]) -> int | None:
+    """The class whose layout pattern (a folder name or an fnmatch pattern) matches the folder."""
+    for label, cls in enumerate(class_names):
+        if fnmatch.fnmatchcase(folder_name, dataset.layout[cls]):
+            return label
+    return None
+
+
+def _files_in(folder: Path, dataset: DatasetSpec) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(dataset.file_suffixes))
+
+
 def find_items(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -> list[Item]:
     """Every file of every class under ``root``, in the data set's documented folder layout.
 
-    Each class's folder (``dataset.layout[class]``) is looked for anywhere below ``root``, so the
-    archive's own top-level folders do not matter; all folders of that name are used.
+    Each class's folder (``dataset.layout[class]``, a name or an fnmatch pattern) is looked for
+    anywhere below ``root``, so the archive's own top-level folders do not matter.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: data folder not found; fetch the data set or pass --data-dir")
     items: list[Item] = []
     for label, cls in enumerate(class_names):
-        folder_name = dataset.layout[cls]
-        folders = sorted(p for p in root.rglob(folder_name) if p.is_dir())
-        files = sorted(
-            f for folder in folders for f in folder.iterdir()
-            if f.is_file() and f.name.lower().endswith(dataset.file_suffixes)
-        )
+        pattern = dataset.layout[cls]
+        folders = sorted(p for p in root.rglob("*") if p.is_dir() and fnmatch.fnmatchcase(p.name, pattern))
+        files = [f for folder in folders for f in _files_in(folder, dataset)]
         if not files:
             raise DatasetLayoutError(
-                f"{root}: no {'/'.join(dataset.file_suffixes)} files in a folder named {folder_name!r} "
+                f"{root}: no {'/'.join(dataset.file_suffixes)} files in a folder named {pattern!r} "
                 f"for class {cls!r}; expected the {dataset.name} layout "
                 f"({', '.join(dataset.layout.values())} folders)")
         items.extend(Item(f, label) for f in files)
     return items
+
+
+def find_split_folders(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -> dict[str, list[Item]]:
+    """Items of a data set that ships its own splits (``split["folders"]`` names each split's folder).
+
+    Every class folder inside a split folder must map to a class; one that maps to none is an
+    error naming it (a silently dropped class would skew every metric).
+    """
+    root = Path(root)
+    found: dict[str, list[Item]] = {}
+    for split, folder_name in dataset.split["folders"].items():
+        candidates = sorted(p for p in root.rglob(folder_name) if p.is_dir())
+        if not candidates:
+            continue
+        items: list[Item] = []
+        for folder in candidates:
+            for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+                label = _class_of(sub.name, dataset, class_names)
+                if label is None:
+                    raise DatasetLayoutError(
+                        f"{sub}: class folder matches none of {', '.join(class_names)} "
+                        f"(patterns {', '.join(dataset.layout[c] for c in class_names)}); rename it or "
+                        "remove it from the data set")
+                items.extend(Item(f, label) for f in _files_in(sub, dataset))
+        found[split] = items
+    if "train" not in found or not found["train"]:
+        raise DatasetLayoutError(f"{root}: no {dataset.split['folders']['train']!r} folder with class "
+                                 f"folders; expected the {dataset.name} layout")
+    return found
 
 
 def limit_per_class(items: list[Item], max_per_class: int | None, seed: int) -> list[Item]:
@@ -85,12 +124,34 @@ def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item
         group = [i for i in items if i.label == label]
         group = [group[j] for j in rng.permutation(len(group))]
         n = len(group)
-        n_test = max(1, round(n * split["test"])) if n >= 3 else 0
-        n_val = max(1, round(n * split["val"])) if n >= 3 else 0
+        n_test = max(1, round(n * split["test"])) if n >= 3 and split["test"] > 0 else 0
+        n_val = max(1, round(n * split["val"])) if n >= 3 and split["val"] > 0 else 0
         out["test"] += group[:n_test]
         out["val"] += group[n_test:n_test + n_val]
         out["train"] += group[n_test + n_val:]
     return {name: sorted(v, key=lambda i: str(i.path)) for name, v in out.items()}
+
+
+def assign_splits(given: dict[str, list[Item]], split: dict[str, Any]) -> tuple[dict[str, list[Item]], str]:
+    """Train/val/test from the data set's own split folders, or by seeded fractions.
+
+    A data set that ships split folders but arrives without some of them (e.g. a sample with no
+    ``test`` folder) gets the missing ones carved from ``train`` with ``split["carve"]`` fractions,
+    and the manifest says so.
+    """
+    if "all" in given:
+        return split_items(given["all"], split), "seeded stratified split by fractions"
+    out = {name: list(given.get(name, [])) for name in SPLITS}
+    missing = [name for name in ("val", "test") if not out[name]]
+    if not missing:
+        return out, "the data set's own split folders"
+    carve = split["carve"]
+    fractions = {"train": 1.0 - sum(carve[m] for m in missing), "val": 0.0, "test": 0.0,
+                 "seed": split["seed"], **{m: carve[m] for m in missing}}
+    carved = split_items(out["train"], fractions)
+    for name in ("train", *missing):
+        out[name] = carved[name]
+    return out, f"{', '.join(missing)} carved from the train folder ({carve}, seed {split['seed']})"
 
 
 def reader_for(params: dict[str, Any]) -> Callable[[Path], np.ndarray]:
@@ -130,8 +191,13 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
     if input_shape is not None:
         key = "size" if params["kind"] == "rgb_image" else "target_shape"
         params[key] = list(input_shape[: len(params[key])])
-    items = limit_per_class(find_items(root, spec.dataset, spec.class_names), max_per_class,
-                            spec.dataset.split["seed"])
+    seed = spec.dataset.split["seed"]
+    if "folders" in spec.dataset.split:
+        given = find_split_folders(root, spec.dataset, spec.class_names)
+        given = {k: limit_per_class(v, max_per_class, seed) for k, v in given.items()}
+    else:
+        given = {"all": limit_per_class(find_items(root, spec.dataset, spec.class_names), max_per_class, seed)}
+    items = [i for group in given.values() for i in group]
     say(f"{spec.name}: hashing {len(items)} files under {root}")
     hashes = {str(i.path): sha256_file(i.path) for i in items}
     key_src = json.dumps({"params": params, "classes": spec.class_names, "split": spec.dataset.split,
@@ -141,10 +207,11 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
         say(f"{spec.name}: preprocessed cache found at {folder}, reusing it")
         return PreparedData(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    splits = split_items(items, spec.dataset.split)
+    splits, split_note = assign_splits(given, spec.dataset.split)
     read = reader_for(params)
     manifest: dict[str, Any] = {"preprocessing": params, "class_names": list(spec.class_names),
-                                "root": str(root), "split": spec.dataset.split, "splits": {}, "skipped": []}
+                                "root": str(root), "split": spec.dataset.split, "split_note": split_note, "splits": {},
+                                "skipped": []}
     for name in SPLITS:
         kept: list[tuple[Item, np.ndarray]] = []
         for n, item in enumerate(splits[name], 1):

@@ -1,10 +1,12 @@
-"""Generated stand-ins for the two lung data sets: H&E tiles like LC25000, chest CT like MosMedData.
+"""Generated stand-ins for the lung data sets: H&E tiles like LC25000, chest CT volumes like MosMedData
+and axial chest CT slices with lung cancers like Kaggle's chest-ctscan-images and Lung CT-Scan images.
 
 No real data set can be downloaded on the build machines, yet training, export and scoring need
 inputs in the real formats with a class difference a small network can learn. The generators draw
 the anatomy each class is defined by (acinar glands, keratinising nests, alveolar lace; ground-glass
-opacities in the lungs) and randomise everything else (stain, blur, noise, body habitus, spacing), so
-that a model has to learn shape rather than one pixel statistic.
+opacities in the lungs; peripheral spiculated nodules, pleural masses, cavitated hilar masses) and
+randomise everything else (stain, blur, noise, body habitus, spacing, display window), so that a
+model has to learn shape rather than one pixel statistic.
 
 Everything is deterministic given a ``numpy.random.Generator``; the dataset writers seed one per item
 from ``(seed, class index, item index)`` so items are reproducible and independent of write order.
@@ -12,8 +14,11 @@ from ``(seed, class index, item index)`` so items are reproducible and independe
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import io
+import multiprocessing
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,19 @@ MOSMED_CLASSES = ("normal", "abnormal")
 # MosMedData keeps each severity grade in its own folder; the Keras 3D-CT example uses CT-0 (no
 # findings) as normal and CT-23 (grades 2-3) as abnormal, so those are the two folders we mimic.
 MOSMED_FOLDERS = {"normal": "CT-0", "abnormal": "CT-23"}
-DATASET_KINDS = ("lc25000", "mosmed")
+# Kaggle "chest-ctscan-images", sorted as image_dataset_from_directory sorts its class folders. Its
+# train and valid folders carry the site and TNM stage in the name; its test folders do not.
+CHEST_CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
+CHEST_FOLDERS = {
+    "adenocarcinoma": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib",
+    "large.cell.carcinoma": "large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa",
+    "normal": "normal",
+    "squamous.cell.carcinoma": "squamous.cell.carcinoma_left.hilum_T1_N2_M0_IIIa",
+}
+# Kaggle "Lung CT-Scan images" (orvile/ct-scan-images): any of the three cancers, or none.
+CANCER_CLASSES = ("Cancerous", "Non-Cancerous")
+CT_CANCER_FOLDERS = ("CT-Scan images", "CT-Scan images", "CT-Scan Images")
+DATASET_KINDS = ("lc25000", "mosmed", "chest_ct", "ct_cancer")
 
 _F32 = np.float32
 
@@ -908,42 +925,17 @@ def _noise_std_after_blur(sigma: tuple[float, float]) -> float:
     return float(np.sqrt((ndimage.gaussian_filter(impulse, sigma, truncate=3.0) ** 2).sum()))
 
 
-def ct_volume(
-    cls: str,
-    rng: np.random.Generator,
-    in_plane: int = 256,
-    slices: int = 48,
-    spacing: tuple[float, float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A chest CT in Hounsfield units, int16 shaped (x, y, z), and its 4x4 RAS affine.
+def _thorax_hu(c: _Chest, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+               origin: np.ndarray, spacing: tuple[float, float, float], *, ground_glass: bool
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Noise-free HU of patient ``c`` on the voxel grid ``x`` (n,1,1), ``y`` (1,n,1), ``z`` (1,1,s).
 
-    ``normal`` lungs are clear; ``abnormal`` adds patchy, mostly peripheral and bilateral
-    ground-glass opacities (-700 to -300 HU) over 25-50% of the lung volume, the MosMedData CT-2/3
-    picture of viral pneumonia. By default the field of view fits the patient (so in-plane spacing
-    is about 0.7 mm at 512 pixels and 1.4 mm at 256) and the slices cover the lungs, at most 5 mm
-    apart; an explicit ``spacing`` (mm, x y z) is used as given, cropping the body if it is small.
+    Returns the (n, n, s) HU array and the soft (right, left) lung masks. ``origin`` is the
+    patient position of voxel (0, 0, 0) in mm. With ``ground_glass`` the lungs get viral-pneumonia
+    opacities. Shared by ``ct_volume`` (a slab) and ``ct_slice`` (one slice at a chosen level).
     """
-    if cls not in MOSMED_CLASSES:
-        raise ValueError(f"unknown CT class {cls!r}; expected one of {MOSMED_CLASSES}")
-    if in_plane < 16 or slices < 2:
-        raise ValueError(f"volume {in_plane}x{in_plane}x{slices} too small; use at least 16x16x2")
-    c = _sample_chest(rng)
-    if spacing is None:
-        sxy = 2 * c.bx * rng.uniform(1.1, 1.28) / in_plane
-        sz = float(np.clip(c.height * rng.uniform(1.0, 1.15) / slices, 1.5, 5.0))
-        spacing = (sxy, sxy, sz)
-    sx, sy, sz = (float(v) for v in spacing)
-    shape = (int(in_plane), int(in_plane), int(slices))
-    # Patient offset within the field of view, and which part of the chest the slab covers.
-    off = np.array([rng.normal(0, 6), rng.normal(4, 6)])
-    z_mid = c.height * 0.42 + rng.normal(0, 0.03) * c.height
-    origin = np.array([-(in_plane - 1) / 2 * sx - off[0], -(in_plane - 1) / 2 * sy - off[1],
-                       z_mid - (slices - 1) / 2 * sz])
-    # Patient coordinates of voxel centres as broadcastable axes, (n,1,1), (1,n,1), (1,1,s): the
-    # in-plane anatomy then costs 2-D work and only z-dependent structures pay for 3-D arrays.
-    x = (origin[0] + np.arange(in_plane) * sx).astype(_F32)[:, None, None]
-    y = (origin[1] + np.arange(in_plane) * sy).astype(_F32)[None, :, None]
-    z = (origin[2] + np.arange(slices) * sz).astype(_F32)[None, None, :]
+    sx, sy, sz = spacing
+    shape = (x.shape[0], y.shape[1], z.shape[2])
     t = z / _F32(c.height)
     edge, edge_z = 0.6 * sx, 0.5 * sz
 
@@ -995,7 +987,7 @@ def ct_volume(
     dependent = np.clip((_F32(c.lung_y + 0.2 * c.cy) - y) / _F32(1.4 * c.cy), 0, 1) * _F32(rng.uniform(25, 70))
     texture = _smooth_field(rng, shape, (6 / sx, 6 / sy, max(6 / sz, 1.0))) * _F32(rng.uniform(8, 18))
     parenchyma = _F32(base) + dependent + texture
-    if cls == "abnormal":
+    if ground_glass:
         parenchyma = _ground_glass(rng, parenchyma, (w_r, w_l), (q_r, q_l), shape, (sx, sy, sz), y, c)
     hu += lung_w * (parenchyma - hu)
 
@@ -1008,20 +1000,305 @@ def ct_volume(
     _paint(hu, vessels * np.maximum(lung_w, hila * (t > 0.3) * (t < 0.75)), blood + rng.uniform(-5, 15))
 
     _paint_bones(hu, c, rng, x, y, z, edge, edge_z)
+    return hu, [w_r, w_l]
 
+
+def _scanner_noise(hu: np.ndarray, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, off: np.ndarray,
+                   r_fov: float) -> np.ndarray:
+    """``hu`` with CT noise added and the pad value outside the reconstruction circle of radius ``r_fov`` mm.
+
+    ``off`` is the patient's offset from the centre of the field of view.
+    """
+    shape = hu.shape
     # CT noise: slightly correlated in-plane, like filtered back-projection, and none outside the
     # reconstruction circle where scanners write a constant.
     noise_sd = rng.uniform(10, 20)
     sig = (0.6, 0.6)
     noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=_F32), (*sig, 0), truncate=3.0)
     hu += noise * _F32(noise_sd / _noise_std_after_blur(sig))
-    r_fov = (in_plane / 2) * sx
     outside = ((x + _F32(off[0])) ** 2 + (y + _F32(off[1])) ** 2) > _F32(r_fov**2)
     hu = np.where(outside, _F32(_HU_PAD), hu)
+    return hu
+
+
+def ct_volume(
+    cls: str,
+    rng: np.random.Generator,
+    in_plane: int = 256,
+    slices: int = 48,
+    spacing: tuple[float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A chest CT in Hounsfield units, int16 shaped (x, y, z), and its 4x4 RAS affine.
+
+    ``normal`` lungs are clear; ``abnormal`` adds patchy, mostly peripheral and bilateral
+    ground-glass opacities (-700 to -300 HU) over 25-50% of the lung volume, the MosMedData CT-2/3
+    picture of viral pneumonia. By default the field of view fits the patient (so in-plane spacing
+    is about 0.7 mm at 512 pixels and 1.4 mm at 256) and the slices cover the lungs, at most 5 mm
+    apart; an explicit ``spacing`` (mm, x y z) is used as given, cropping the body if it is small.
+    """
+    if cls not in MOSMED_CLASSES:
+        raise ValueError(f"unknown CT class {cls!r}; expected one of {MOSMED_CLASSES}")
+    if in_plane < 16 or slices < 2:
+        raise ValueError(f"volume {in_plane}x{in_plane}x{slices} too small; use at least 16x16x2")
+    c = _sample_chest(rng)
+    if spacing is None:
+        sxy = 2 * c.bx * rng.uniform(1.1, 1.28) / in_plane
+        sz = float(np.clip(c.height * rng.uniform(1.0, 1.15) / slices, 1.5, 5.0))
+        spacing = (sxy, sxy, sz)
+    sx, sy, sz = (float(v) for v in spacing)
+    # Patient offset within the field of view, and which part of the chest the slab covers.
+    off = np.array([rng.normal(0, 6), rng.normal(4, 6)])
+    z_mid = c.height * 0.42 + rng.normal(0, 0.03) * c.height
+    origin = np.array([-(in_plane - 1) / 2 * sx - off[0], -(in_plane - 1) / 2 * sy - off[1],
+                       z_mid - (slices - 1) / 2 * sz])
+    # Patient coordinates of voxel centres as broadcastable axes, (n,1,1), (1,n,1), (1,1,s): the
+    # in-plane anatomy then costs 2-D work and only z-dependent structures pay for 3-D arrays.
+    x = (origin[0] + np.arange(in_plane) * sx).astype(_F32)[:, None, None]
+    y = (origin[1] + np.arange(in_plane) * sy).astype(_F32)[None, :, None]
+    z = (origin[2] + np.arange(slices) * sz).astype(_F32)[None, None, :]
+    hu, _ = _thorax_hu(c, rng, x, y, z, origin, (sx, sy, sz), ground_glass=cls == "abnormal")
+    hu = _scanner_noise(hu, rng, x, y, off, (in_plane / 2) * sx)
     vol = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     affine = np.diag([sx, sy, sz, 1.0])
     affine[:3, 3] = origin + np.array([off[0], off[1], rng.uniform(-350, -150) - z_mid])
     return vol, affine
+
+
+# ---------------------------------------------------------------------------------------------------
+# Axial chest CT slices with lung cancer (Kaggle chest-ctscan-images-like)
+# ---------------------------------------------------------------------------------------------------
+
+_TUMOUR_KINDS = tuple(c for c in CHEST_CLASSES if c != "normal")
+
+
+def _display_window(rng: np.random.Generator) -> tuple[float, float]:
+    """(level, width) in HU of the window a slice was exported with.
+
+    The Kaggle PNGs are screenshots from several viewers. Most show air black, lungs near black
+    and soft tissue mid-grey with bone short of white: a window from about -1000 HU that is
+    2000-2600 HU wide (a few are wider still). The rest use a lung window, where air is dark grey
+    and soft tissue near white, or a mediastinal window.
+    """
+    u = rng.random()
+    if u < 0.65:
+        width = rng.uniform(1900, 2600) if u < 0.55 else rng.uniform(3000, 4200)
+        return rng.uniform(-1040, -980) + width / 2, width
+    if u < 0.9:
+        return rng.uniform(-650, -500), rng.uniform(1200, 1600)
+    return rng.uniform(30, 60), rng.uniform(350, 450)
+
+
+def _outline(rng: np.random.Generator, theta: np.ndarray, amp: float, orders: Sequence[int]) -> np.ndarray:
+    """Relative radius 1 + sum of random angular harmonics: a lobulated outline."""
+    r = np.ones_like(theta)
+    for k in orders:
+        r += _F32(rng.normal(0, amp / np.sqrt(k))) * np.cos(_F32(k) * theta + _F32(rng.uniform(0, 2 * np.pi)))
+    return np.maximum(r, _F32(0.45))
+
+
+def _spicules(rng: np.random.Generator, theta: np.ndarray, radius: float, n: int, length: float) -> np.ndarray:
+    """Extra radius in mm along ``n`` thin spikes, tapering outwards: a spiculated (corona radiata) margin."""
+    extra = np.zeros_like(theta)
+    for ang, reach, width in zip(rng.uniform(0, 2 * np.pi, n), rng.uniform(0.3, 1.0, n) * length,
+                                 rng.uniform(0.35, 0.8, n)):
+        gap = np.abs(np.mod(theta - _F32(ang) + _F32(np.pi), _F32(2 * np.pi)) - _F32(np.pi))
+        extra = np.maximum(extra, _F32(reach) * np.exp(-((gap * _F32(radius / width)) ** 2)))
+    return extra
+
+
+def _peripheral_site(rng: np.random.Generator, lung: np.ndarray, xs: np.ndarray, ys: np.ndarray, sign: float,
+                     angles: tuple[float, float], radius: float, depth: tuple[float, float]
+                     ) -> tuple[float, float, float]:
+    """Centre (x, y) and radius (mm) of a mass near the pleura of one lung.
+
+    From the lung's centroid a ray goes out at an angle drawn from ``angles`` (0 lateral, negative
+    posterior, positive anterior); the mass sits ``depth`` radii inside the point where the ray
+    leaves the lung, shrunk if the lung is too small at this level to hold it.
+    """
+    ii, jj = np.nonzero(lung)
+    mx, my = float(xs[ii].mean()), float(ys[jj].mean())
+    phi = rng.uniform(*angles)
+    dx, dy = sign * np.cos(phi), np.sin(phi)
+    step = float(xs[1] - xs[0])
+    steps = np.arange(0, 4 * len(xs)) * step * 0.5
+    pi = np.rint((mx + dx * steps - xs[0]) / step).astype(int)
+    pj = np.rint((my + dy * steps - ys[0]) / step).astype(int)
+    ok = (pi >= 0) & (pi < lung.shape[0]) & (pj >= 0) & (pj < lung.shape[1])
+    inside = np.zeros(steps.size, bool)
+    inside[ok] = lung[pi[ok], pj[ok]]
+    if not inside.any():  # the ray missed a crescent-shaped lung: aim at one of its pixels instead
+        k = int(rng.integers(ii.size))
+        return float(xs[ii[k]]), float(ys[jj[k]]), min(radius, 4 * step)
+    # The farthest lung pixel on the ray is on the pleura even where the ray crosses a fissure or notch.
+    reach = float(steps[np.flatnonzero(inside)[-1]])
+    radius = min(radius, 0.55 * max(reach, 4 * step))
+    back = min(rng.uniform(*depth) * radius, 0.9 * reach)
+    return mx + dx * (reach - back), my + dy * (reach - back), radius
+
+
+def _hilar_site(rng: np.random.Generator, lung: np.ndarray, xs: np.ndarray, ys: np.ndarray, sign: float,
+                c: _Chest, radius: float) -> tuple[float, float]:
+    """Centre (x, y) in mm of a mass at the hilum: the lung pixel nearest the root of the lung.
+
+    Below the hila proper (beside the heart) that is the medial lung next to the lower-lobe
+    bronchi, behind the heart, which is where a central tumour shows at those levels.
+    """
+    ii, jj = np.nonzero(lung)
+    hx = c.med_x + sign * (c.med_w_low + rng.uniform(0, 10))
+    hy = c.med_y + rng.normal(0.0, 0.12) * c.cy
+    k = int(np.argmin((xs[ii] - hx) ** 2 + (ys[jj] - hy) ** 2))
+    return float(xs[ii[k]]) + sign * rng.uniform(0.1, 0.6) * radius, float(ys[jj[k]])
+
+
+def _paint_tumour(hu: np.ndarray, kind: str, rng: np.random.Generator, c: _Chest, xs: np.ndarray, ys: np.ndarray,
+                  lungs: Sequence[np.ndarray], edge: float) -> None:
+    """Paint one lung cancer of ``kind`` into the 2-D HU slice ``hu`` (x, y), in place.
+
+    ``xs``/``ys`` are the patient coordinates (mm) of the rows and columns and ``lungs`` the soft
+    right and left lung masks. Adenocarcinoma: a peripheral, mostly posterior nodule with a
+    ground-glass rim, spicules and sometimes a pleural tag or bubbly lucencies. Large cell
+    carcinoma: a large, solid, lobulated, well-defined mass against the pleura. Squamous cell
+    carcinoma: a hilar mass on the main bronchi, often cavitated with a thick irregular wall and
+    sometimes an air-fluid level or collapse beyond it.
+    """
+    side = int(rng.integers(2))
+    if (lungs[side] > 0.5).sum() < 50:
+        side = 1 - side
+    lung = lungs[side] > 0.5
+    if lung.sum() < 50:
+        return  # no lung in this slice worth the name
+    sign = -1.0 if side == 0 else 1.0
+    grow = 0.0  # how far (mm) spicules, halo and tags may reach beyond the outline
+    if kind == "adenocarcinoma":
+        radius = rng.uniform(6, 16)
+        halo = rng.uniform(1.3, 2.0) if rng.random() < 0.75 else 1.0
+        grow = radius * (halo - 1) + 0.8 * radius + 12  # halo and spicules
+        cx, cy, radius = _peripheral_site(rng, lung, xs, ys, sign, (-1.6, 0.6), radius * halo, (0.8, 1.4))
+        radius /= halo
+    elif kind == "large.cell.carcinoma":
+        cx, cy, radius = _peripheral_site(rng, lung, xs, ys, sign, (-1.3, 1.4), rng.uniform(15, 30), (0.6, 1.0))
+    else:
+        radius = rng.uniform(12, 24)
+        cx, cy = _hilar_site(rng, lung, xs, ys, sign, c, radius)
+        grow = 60.0  # room for post-obstructive collapse
+    step = float(xs[1] - xs[0])
+    reach = 2.0 * radius + grow + 3 * edge
+    i0, i1 = (int(np.clip((v - xs[0]) / step, 0, len(xs))) for v in (cx - reach, cx + reach + step))
+    j0, j1 = (int(np.clip((v - ys[0]) / step, 0, len(ys))) for v in (cy - reach, cy + reach + step))
+    if i1 <= i0 or j1 <= j0:
+        return
+    win = hu[i0:i1, j0:j1]
+    lung_w = (lungs[0] + lungs[1])[i0:i1, j0:j1].clip(0, 1)
+    dx = (xs[i0:i1] - _F32(cx))[:, None]
+    dy = (ys[j0:j1] - _F32(cy))[None, :]
+    dist = np.sqrt(dx * dx + dy * dy)
+    theta = np.arctan2(dy, dx)
+    shape = win.shape
+    tex = _smooth_field(rng, shape, 4.0 / step)
+    solid_hu = _F32(rng.uniform(20, 45)) + tex * _F32(rng.uniform(6, 14))
+
+    if kind == "adenocarcinoma":
+        outline = radius * _outline(rng, theta, rng.uniform(0.08, 0.18), (2, 3, 4, 5))
+        if rng.random() < 0.7:
+            n_spikes, spike_len = int(rng.integers(6, 16)), rng.uniform(4, 0.8 * radius + 8)
+            outline = outline + _spicules(rng, theta, radius, n_spikes, spike_len)
+        ggo = _soft(outline * _F32(halo) + _smooth_field(rng, shape, 5.0 / step) * _F32(0.15 * radius) - dist, 2.5)
+        ggo_hu = _F32(rng.uniform(-650, -450)) + tex * _F32(50)
+        # Ground glass raises the parenchyma but leaves vessels running through it visible.
+        win += ggo * lung_w * (np.maximum(win, ggo_hu) - win)
+        solid = _soft(outline - dist, 1.2 * edge) * lung_w
+        if rng.random() < 0.4:  # pleural tag: a thin band pulled from the nodule out to the pleura
+            li, lj = np.nonzero(lung)
+            ox, oy = cx - float(xs[li].mean()), cy - float(ys[lj].mean())
+            norm = np.hypot(ox, oy) + 1e-6
+            along = dx * _F32(ox / norm) + dy * _F32(oy / norm)
+            across = np.abs(dy * _F32(ox / norm) - dx * _F32(oy / norm))
+            tag = _soft(_F32(rng.uniform(0.8, 1.5)) - across, edge) * (along > 0) * lung_w
+            win += tag * (_F32(rng.uniform(-300, -100)) - win)
+        win += solid * (solid_hu - win)
+        if rng.random() < 0.3:  # bubble-like lucencies, typical of lepidic adenocarcinoma
+            n = int(rng.integers(2, 6))
+            for bx, by, br in zip(rng.normal(0, 0.35 * radius, n), rng.normal(0, 0.35 * radius, n),
+                                  rng.uniform(0.8, 2.0, n)):
+                bubble = _soft(_F32(br) - np.sqrt((dx - _F32(bx)) ** 2 + (dy - _F32(by)) ** 2), edge) * solid
+                win += bubble * (_F32(-900) - win)
+        return
+
+    if kind == "large.cell.carcinoma":
+        outline = radius * _outline(rng, theta, rng.uniform(0.07, 0.16), (2, 3, 4))
+        solid = _soft(outline - dist, edge) * lung_w
+        win += solid * (solid_hu - win)
+        if rng.random() < 0.35:  # central necrosis: lower density, shows only in narrow windows
+            necrosis = _soft(outline * _F32(rng.uniform(0.3, 0.55)) - dist, 3.0)
+            win += necrosis * solid * (_F32(rng.uniform(5, 18)) - win)
+        return
+
+    # Squamous: the mass spills from the lung into the hilar fat (nodes), sparing vessels and airways.
+    outline = radius * _outline(rng, theta, rng.uniform(0.08, 0.18), (2, 3, 4))
+    if rng.random() < 0.3:
+        outline = outline + _spicules(rng, theta, radius, int(rng.integers(3, 8)), rng.uniform(3, 8))
+    mass = _soft(outline - dist, 1.5 * edge)
+    xw, yw = xs[i0:i1][:, None], ys[j0:j1][None, :]
+    cavity_q = (xw / _F32(c.cx)) ** 2 + ((yw - _F32(c.cav_y)) / _F32(c.cy)) ** 2
+    mediastinum = _soft((1 - cavity_q) * _F32(0.5 * c.cy), edge) * (1 - lung_w) * (win > -500)
+    if rng.random() < 0.2:  # pneumonitis beyond the blocked bronchus: patchy opacity fanning out laterally
+        out_ang = np.arctan2(0.0, sign) + rng.normal(0, 0.4)
+        gap = np.abs(np.mod(theta - _F32(out_ang) + _F32(np.pi), _F32(2 * np.pi)) - _F32(np.pi))
+        patches = _smooth_field(rng, shape, 12.0 / step)
+        fan = _soft(_F32(rng.uniform(0.3, 0.5)) + patches * _F32(0.25) - gap, 0.25)
+        fade = np.clip(_F32(1.3) - dist / _F32(radius + rng.uniform(25, 45)), 0, 1)
+        opacity = fan * fade * np.clip(_F32(0.6) + _F32(0.5) * patches, 0, 1) * lung_w
+        win += opacity * (np.maximum(win, _F32(rng.uniform(-450, -150)) + tex * _F32(40)) - win)
+    win += mass * lung_w * (solid_hu - win)
+    win += mass * mediastinum * (np.maximum(win, solid_hu) - win)
+    if rng.random() < 0.5:  # cavitation: necrotic centre drained through the bronchus
+        inner = outline * _F32(rng.uniform(0.45, 0.7)) * _outline(rng, theta, 0.12, (2, 3, 5))
+        cavity = _soft(inner - dist, edge) * mass
+        win += cavity * (_F32(_HU_AIR) - win)
+        if rng.random() < 0.5:  # air-fluid level: fluid settles posteriorly in a supine patient
+            level = _F32(rng.uniform(-0.5, 0.1) * radius)
+            win += cavity * _soft(level - dy, edge) * (_F32(rng.uniform(5, 25)) - win)
+
+
+def ct_slice(cls: str, rng: np.random.Generator, size: int = 512) -> np.ndarray:
+    """An axial chest CT slice as 8-bit grey levels (size, size), windowed like the Kaggle PNGs.
+
+    Displayed the radiological way: anterior at the top, the patient's right on the image's left.
+    The anatomy is ``ct_volume``'s, cut at a random level between the aortic arch and the heart,
+    with a random slice thickness, display window (lung, wide or mediastinal) and noise. ``cls`` is
+    one of ``CHEST_CLASSES`` (see ``_paint_tumour`` for what each cancer looks like) or one of
+    ``CANCER_CLASSES``, where ``Cancerous`` draws one of the three cancers.
+
+    Tumours are drawn from their own generator, seeded from ``rng`` at the same point for every
+    class, so the same ``rng`` seed gives the same patient, level, noise and window in every class,
+    and a ``Cancerous`` slice equals the slice of the cancer it drew.
+    """
+    if cls not in CHEST_CLASSES and cls not in CANCER_CLASSES:
+        raise ValueError(f"unknown chest CT class {cls!r}; expected one of {CHEST_CLASSES + CANCER_CLASSES}")
+    if size < 32:
+        raise ValueError(f"slice size {size} too small; use at least 32 pixels")
+    c = _sample_chest(rng)
+    sxy = 2 * c.bx * rng.uniform(1.05, 1.25) / size
+    sz = rng.uniform(1.5, 7.0)
+    off = np.array([rng.normal(0, 6), rng.normal(4, 6)])
+    level = rng.uniform(0.25, 0.75) * c.height
+    tumour_seed = int(rng.integers(2**63))
+    window = _display_window(rng)
+    origin = np.array([-(size - 1) / 2 * sxy - off[0], -(size - 1) / 2 * sxy - off[1], level])
+    x = (origin[0] + np.arange(size) * sxy).astype(_F32)[:, None, None]
+    y = (origin[1] + np.arange(size) * sxy).astype(_F32)[None, :, None]
+    z = np.full((1, 1, 1), level, _F32)
+    hu, lungs = _thorax_hu(c, rng, x, y, z, origin, (sxy, sxy, sz), ground_glass=False)
+    kind = cls
+    if cls == "Cancerous":  # picked on the side, so a Cancerous slice is exactly that kind's slice
+        kind = _TUMOUR_KINDS[int(np.random.default_rng([tumour_seed, 1]).integers(len(_TUMOUR_KINDS)))]
+    if kind in _TUMOUR_KINDS:
+        _paint_tumour(hu[:, :, 0], kind, np.random.default_rng(tumour_seed), c, x[:, 0, 0], y[0, :, 0],
+                      [m[:, :, 0] for m in lungs], 0.6 * sxy)
+    hu = _scanner_noise(hu, rng, x, y, off, (size / 2) * sxy)
+    centre, width = window
+    grey = (hu[:, ::-1, 0].T - _F32(centre - width / 2)) * _F32(255.0 / width)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1101,7 +1378,94 @@ def _write_mosmed(root: Path, n_per_class: int, seed: int, *, in_plane: int = 25
             atomic_write_bytes(folder / f"study_{i:04d}.nii.gz", _nifti_gz_bytes(volume, affine))
 
 
-_DATASET_WRITERS = {"lc25000": _write_lc25000, "mosmed": _write_mosmed}
+def _split_sizes(n: int, n_valid: float, n_test: float) -> tuple[int, int, int]:
+    """(train, valid, test) items per class; floats are fractions of ``n``, ints are counts, each at least 2."""
+    def count(v: float) -> int:
+        return max(2, int(round(v * n)) if isinstance(v, float) else int(v))
+
+    valid, test = count(n_valid), count(n_test)
+    if n - valid - test < 2:
+        raise ValueError(f"chest_ct: n_per_class={n} leaves {n - valid - test} training images per class after "
+                         f"{valid} valid and {test} test; use n_per_class >= {valid + test + 2}")
+    return n - valid - test, valid, test
+
+
+def _crop_to_body(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The slice cut down to the body (and table) plus a small margin, as the Kaggle screenshots are."""
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    dark, bright = float(np.median(border)), float(np.percentile(grey, 90))
+    body = grey > dark + 0.3 * (bright - dark)
+    rows, cols = np.flatnonzero(body.mean(axis=1) > 0.02), np.flatnonzero(body.mean(axis=0) > 0.02)
+    if rows.size < 2 or cols.size < 2:
+        return grey
+    h, w = grey.shape
+    my, mx = (int(rng.uniform(0.01, 0.06) * n) for n in (h, w))
+    return grey[max(rows[0] - my, 0):rows[-1] + my + 1, max(cols[0] - mx, 0):cols[-1] + mx + 1]
+
+
+def _screenshot_bytes(grey: np.ndarray, rng: np.random.Generator, size: int) -> tuple[bytes, str]:
+    """A slice saved the way the Kaggle chest CT files are: cropped, resized and in a mix of formats.
+
+    The real files are mostly RGBA PNGs (opaque), some RGB PNGs, a few JPEGs and greyscale PNGs, of
+    many sizes; so are ours, with widths within 15% of ``size``. Returns the bytes and the suffix.
+    """
+    crop = _crop_to_body(grey, rng)
+    width = int(round(size * rng.uniform(0.85, 1.15)))
+    height = max(int(round(width * crop.shape[0] / crop.shape[1] * rng.uniform(0.95, 1.05))), 8)
+    img = Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR)
+    u = rng.random()
+    buf = io.BytesIO()
+    if u < 0.1:
+        img.convert("RGB").save(buf, format="JPEG", quality=int(rng.integers(80, 96)))
+        return buf.getvalue(), ".jpg"
+    mode = "RGBA" if u < 0.65 else "RGB" if u < 0.85 else "L"
+    img.convert(mode).save(buf, format="PNG")
+    return buf.getvalue(), ".png"
+
+
+def _write_chest_ct(root: Path, n_per_class: int, seed: int, *, size: int = 512,
+                    classes: Sequence[str] = CHEST_CLASSES, n_valid: float = 0.07, n_test: float = 0.32) -> None:
+    """``root/Data/{train,valid,test}/<folder>/NNNNNN.png|jpg``, as Kaggle's chest-ctscan-images ships.
+
+    Train and valid folders carry the real data set's long names (class, site and TNM stage); test
+    folders are the bare class names. Each class's items are numbered from 0 across the three
+    splits, train first, so an item's picture depends only on (seed, class, index).
+    """
+    train, valid, _ = _split_sizes(n_per_class, n_valid, n_test)
+    for cls in classes:
+        if cls not in CHEST_CLASSES:
+            raise ValueError(f"unknown chest CT class {cls!r}; expected some of {CHEST_CLASSES}")
+        class_index = CHEST_CLASSES.index(cls)
+        for i in range(n_per_class):
+            split = "train" if i < train else "valid" if i < train + valid else "test"
+            folder = root / "Data" / split / (cls if split == "test" else CHEST_FOLDERS[cls])
+            rng = _item_rng(seed, class_index, i)
+            data, suffix = _screenshot_bytes(ct_slice(cls, rng, size), rng, size)
+            atomic_write_bytes(folder / f"{i:06d}{suffix}", data)
+
+
+def _write_ct_cancer(root: Path, n_per_class: int, seed: int, *, size: int = 512,
+                     classes: Sequence[str] = CANCER_CLASSES) -> None:
+    """``root/CT-Scan images/CT-Scan images/CT-Scan Images/{Cancerous,Non-Cancerous}/NNNNNN.png|jpg``.
+
+    The layout of Kaggle's "Lung CT-Scan images" (orvile/ct-scan-images), nesting and capitals as
+    shipped. Each Cancerous image shows one of the three cancers of ``ct_slice``, drawn per item.
+    """
+    for cls in classes:
+        if cls not in CANCER_CLASSES:
+            raise ValueError(f"unknown CT cancer class {cls!r}; expected some of {CANCER_CLASSES}")
+        class_index = CANCER_CLASSES.index(cls)
+        folder = root.joinpath(*CT_CANCER_FOLDERS, cls)
+        for i in range(n_per_class):
+            rng = _item_rng(seed, class_index, i)
+            data, suffix = _screenshot_bytes(ct_slice(cls, rng, size), rng, size)
+            atomic_write_bytes(folder / f"{i:06d}{suffix}", data)
+
+
+_DATASET_WRITERS = {"lc25000": _write_lc25000, "mosmed": _write_mosmed, "chest_ct": _write_chest_ct,
+                    "ct_cancer": _write_ct_cancer}
+_DEFAULT_CLASSES = {"lc25000": LC25000_CLASSES, "mosmed": MOSMED_CLASSES, "chest_ct": CHEST_CLASSES,
+                    "ct_cancer": CANCER_CLASSES}
 
 
 def write_dataset(kind: str, root: Path, n_per_class: int, seed: int, **params: object) -> None:
@@ -1109,6 +1473,10 @@ def write_dataset(kind: str, root: Path, n_per_class: int, seed: int, **params: 
 
     ``kind="lc25000"`` takes ``classes`` and ``size`` (JPEG tiles, quality 90); ``kind="mosmed"``
     takes ``in_plane`` and ``slices`` (an int, or an inclusive (low, high) range drawn per volume).
+    ``kind="chest_ct"`` (Kaggle chest-ctscan-images: train, valid and test folders) takes ``size``,
+    ``classes`` and ``n_valid``/``n_test`` (fractions of ``n_per_class`` if floats, counts if ints;
+    at least 2 each); ``kind="ct_cancer"`` (Kaggle Lung CT-Scan images) takes ``size`` and ``classes``.
+    Both write cropped slices of varying size as a mix of RGBA, RGB and greyscale PNGs and JPEGs.
     Every file is written atomically, so an interrupted run leaves only complete files, and each
     item depends only on (seed, class, index), so re-running rewrites identical content.
     """
@@ -1117,7 +1485,19 @@ def write_dataset(kind: str, root: Path, n_per_class: int, seed: int, **params: 
         raise ValueError(f"unknown phantom data set kind {kind!r}; known kinds: {', '.join(DATASET_KINDS)}")
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be at least 1, not {n_per_class}")
-    writer(Path(root), int(n_per_class), int(seed), **params)
+    classes = tuple(params.pop("classes", _DEFAULT_CLASSES[kind]))
+    workers = min(len(classes), os.cpu_count() or 1)
+    if workers < 2 or n_per_class * len(classes) < 16:
+        writer(Path(root), int(n_per_class), int(seed), classes=classes, **params)
+        return
+    # Classes are independent (each item depends on seed, class and index only), so they are
+    # written in parallel; "spawn" keeps TensorFlow's threads in the parent out of the children.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        jobs = [pool.submit(writer, Path(root), int(n_per_class), int(seed), classes=(cls,), **params)
+                for cls in classes]
+        for job in jobs:
+            job.result()
 
 
 def write_incoming(root: Path, seed: int, n_tiles: int = 4, n_volumes: int = 2, corrupt: bool = True, *,

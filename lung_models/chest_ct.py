@@ -1,0 +1,176 @@
+"""Chest CT, four classes (documented by "Medical Image Classification with CNNs: pre-trained and
+custom models evaluated individually, as an ensemble, and chained"):
+
+- ``chest-resnet50``: frozen ImageNet ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout 0.25
+  → Dense 4 softmax;
+- ``chest-cnn``: a custom CNN;
+- ``chest-ensemble``: both trained submodels in one graph, combined either by the plain average
+  of their probabilities or by a trained Dense(4) on that average, whichever is better on
+  validation (the documented design trained only the combiner, which collapsed);
+- ``chest-chained``: ResNet50 branch without its output layer → Dense → Dropout → Dense 4,
+  trained end to end.
+
+Both submodels take raw 0-255 pixels and augment (flip, rotation, zoom) before rescaling, inside
+the model, so the exported graph (traced with ``training=False``) needs no rescaling outside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lung_models.pretrained import PRETRAINED, keras_application
+from lung_models.registry import CT_SLICE, DatasetSpec, ModelSpec, TrainingRecipe, register
+
+CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
+
+DATASET = DatasetSpec(
+    name="Chest CT-Scan images (Kaggle mohamedhanyyy/chest-ctscan-images)",
+    # train/valid folders carry TNM suffixes, test uses the short names: match by prefix.
+    layout={"adenocarcinoma": "adenocarcinoma*", "large.cell.carcinoma": "large.cell.carcinoma*",
+            "normal": "normal*", "squamous.cell.carcinoma": "squamous.cell.carcinoma*"},
+    sources={"generated": {"kind": "chest_ct"}, "kaggle": {"slug": "mohamedhanyyy/chest-ctscan-images"}},
+    file_suffixes=(".png", ".jpg", ".jpeg"),
+    # The data set ships its own splits; a copy without a test folder gets one carved from train.
+    split={"folders": {"train": "train", "val": "valid", "test": "test"}, "seed": 1337,
+           "carve": {"val": 0.1, "test": 0.2}},
+)
+PREPROCESSING = {"kind": "rgb_image", "size": [224, 224], "scale": 1.0,
+                 "layout": "NHWC, RGB 0-255 (the model rescales)"}
+RECIPE = TrainingRecipe(
+    # The write-up does not give epochs or callback settings; both submodels used the same ones.
+    epochs=30, batch_size=32, loss="sparse_categorical_crossentropy", optimizer="adam", learning_rate=1e-3,
+    early_stopping={"monitor": "val_loss", "patience": 5, "restore_best_weights": True},
+    checkpoint_monitor="val_loss",
+)
+DEMO = {"epochs": 8, "weights": "random", "generated_per_class": 60, "generated_size": 256}
+RESNET = {"kind": "keras_applications", "weights": "imagenet", "model": "ResNet50"}
+
+
+def _spec(name: str, title: str, documented: float, **extra: Any) -> ModelSpec:
+    return ModelSpec(
+        name=name, title=title,
+        documented_by="Medical Image Classification with CNNs: pre-trained and custom models "
+                      "evaluated individually, as an ensemble, and chained",
+        modality=CT_SLICE, input_shape=(224, 224, 3), class_names=CLASSES, output="softmax",
+        preprocessing=PREPROCESSING, dataset=DATASET, recipe=RECIPE, profiles={"demo": dict(DEMO)},
+        documented_metrics={"test_accuracy": documented}, **extra)
+
+
+RESNET_SPEC = _spec("chest-resnet50", "Frozen ResNet50 + dense head, chest CT 4 classes", 0.514, pretrained=RESNET)
+CNN_SPEC = _spec("chest-cnn", "Custom CNN, chest CT 4 classes", 0.470)
+ENSEMBLE_SPEC = _spec("chest-ensemble", "Ensemble of chest-resnet50 and chest-cnn", 0.235,
+                      depends_on=("chest-resnet50", "chest-cnn"), pretrained=RESNET)
+CHAINED_SPEC = _spec("chest-chained", "ResNet50 features chained into the custom CNN's head", 0.568,
+                     pretrained=RESNET)
+
+
+def _augment_and_rescale(inputs):
+    from keras import layers
+
+    x = layers.RandomFlip("horizontal", name="augment_flip")(inputs)
+    x = layers.RandomRotation(0.1, name="augment_rotation")(x)
+    x = layers.RandomZoom(0.1, name="augment_zoom")(x)
+    return layers.Rescaling(1 / 255, name="rescale")(x)
+
+
+def _resnet_features(spec: ModelSpec, input_shape, weights: str):
+    """Input → augmentation → rescale → frozen ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
+    base = keras_application(keras.applications.ResNet50, weights, include_top=False, pooling="max",
+                             input_shape=tuple(input_shape or spec.input_shape))
+    base.trainable = False
+    x = base(_augment_and_rescale(inputs), training=False)
+    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.Dense(256, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(0.25, name="head_dropout")(x)
+    return inputs, x
+
+
+@register(RESNET_SPEC)
+def build_resnet(spec: ModelSpec = RESNET_SPEC, input_shape=None, weights: str = PRETRAINED):
+    import keras
+    from keras import layers
+
+    inputs, x = _resnet_features(spec, input_shape, weights)
+    return keras.Model(inputs, layers.Dense(4, activation="softmax", name="probabilities")(x), name="chest_resnet50")
+
+
+@register(CNN_SPEC)
+def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
+    x = _augment_and_rescale(inputs)
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    return keras.Model(inputs, layers.Dense(4, activation="softmax", name="probabilities")(x), name="chest_cnn")
+
+
+@register(CHAINED_SPEC)
+def build_chained(spec: ModelSpec = CHAINED_SPEC, input_shape=None, weights: str = PRETRAINED):
+    import keras
+    from keras import layers
+
+    inputs, x = _resnet_features(spec, input_shape, weights)
+    x = layers.Dense(128, activation="relu", name="cnn_head_dense")(x)
+    x = layers.Dropout(0.5, name="cnn_head_dropout")(x)
+    return keras.Model(inputs, layers.Dense(4, activation="softmax", name="probabilities")(x), name="chest_chained")
+
+
+def choose_combination(spec: ModelSpec, model, val_x: np.ndarray, val_y: np.ndarray):
+    """Keep the trained combiner only if it beats the plain average on validation; never hide
+    that the ensemble is worse than its best submodel."""
+    import keras
+
+    average = keras.Model(model.inputs, model.get_layer("average").output, name="chest_ensemble")
+    subs = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    acc = {
+        "plain_average": float((np.asarray(average.predict(val_x, verbose=0)).argmax(1) == val_y).mean()),
+        "trained_combiner": float((np.asarray(model.predict(val_x, verbose=0)).argmax(1) == val_y).mean()),
+    }
+    for sub in subs:
+        acc[f"submodel {sub.name}"] = float((np.asarray(sub.predict(val_x, verbose=0)).argmax(1) == val_y).mean())
+    choice = "trained_combiner" if acc["trained_combiner"] > acc["plain_average"] else "plain_average"
+    best_sub = max(v for k, v in acc.items() if k.startswith("submodel"))
+    notes = {"validation_accuracy": acc, "choice": choice,
+             "worse_than_best_submodel": bool(acc[choice] < best_sub),
+             "summary": f"ensemble combination on validation: {acc}; chose {choice}"
+                        + (" — WARNING: worse than its best submodel on validation" if acc[choice] < best_sub else "")}
+    return (model if choice == "trained_combiner" else average), notes
+
+
+@register(ENSEMBLE_SPEC, finalize=choose_combination)
+def build_ensemble(spec: ModelSpec = ENSEMBLE_SPEC, input_shape=None, parts: dict[str, str] | None = None):
+    """Both trained submodels (frozen) → average of their probabilities → trained Dense(4) combiner.
+
+    Without ``parts`` (a build check) the submodels are built untrained from random weights.
+    """
+    import keras
+    from keras import layers
+
+    from lung_models.training import load_checkpoint
+
+    shape = tuple(input_shape or spec.input_shape)
+    if parts:
+        subs = [load_checkpoint(parts[name]) for name in spec.depends_on]
+    else:
+        subs = [build_resnet(RESNET_SPEC, shape, weights="random"), build_cnn(CNN_SPEC, shape)]
+    inputs = keras.Input(shape, name="image")
+    probs = []
+    for sub, name in zip(subs, spec.depends_on):
+        sub.trainable = False
+        sub.name = name.replace("-", "_")
+        probs.append(sub(inputs, training=False))
+    average = layers.Average(name="average")(probs)
+    combined = layers.Dense(4, activation="softmax", name="combiner")(average)
+    return keras.Model(inputs, combined, name="chest_ensemble")

@@ -1,0 +1,129 @@
+"""``ct-inception-hub``: TF-Hub InceptionV3 feature vector, fine-tuned, cancerous vs non-cancerous
+lung CT slices (documented by "Lung CT-Scan images", Kaggle orvile/ct-scan-images).
+
+Keras 3 cannot hold a ``hub.KerasLayer``; the module is loaded as a SavedModel with
+``keras.layers.TFSMLayer`` instead (its variables trainable), which keeps one Keras for the whole
+project. Augmentation, rescaling and the adapted Normalization live inside the model, so the
+exported graph takes raw 0-255 RGB pixels and applies no augmentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from lung_models.pretrained import PRETRAINED, resolve_tfhub
+from lung_models.registry import CT_SLICE, DatasetSpec, ModelSpec, TrainingRecipe, register
+
+HANDLE = "https://www.kaggle.com/models/google/inception-v3/TensorFlow2/feature-vector/2"
+
+SPEC = ModelSpec(
+    name="ct-inception-hub",
+    title="TF-Hub InceptionV3 feature vector, fine-tuned: cancerous vs non-cancerous CT slices",
+    documented_by="Lung CT-Scan images (J. X. Chen, GitHub MyProjects)",
+    modality=CT_SLICE,
+    input_shape=(299, 299, 3),
+    class_names=("Cancerous", "Non-Cancerous"),
+    output="logits",
+    preprocessing={"kind": "rgb_image", "size": [299, 299], "scale": 1.0,
+                   "layout": "NHWC, RGB 0-255 (the model rescales and normalises)"},
+    dataset=DatasetSpec(
+        name="Lung CT-Scan images (Kaggle orvile/ct-scan-images)",
+        layout={"Cancerous": "Cancerous", "Non-Cancerous": "Non-Cancerous"},
+        sources={"generated": {"kind": "ct_cancer"}, "kaggle": {"slug": "orvile/ct-scan-images"}},
+        file_suffixes=(".png", ".jpg", ".jpeg", ".bmp"),
+        # Documented: 30% held out (random_state 42), 30% of that as test: about 70/21/9.
+        split={"train": 0.70, "val": 0.21, "test": 0.09, "seed": 42},
+    ),
+    recipe=TrainingRecipe(
+        epochs=1000, batch_size=16, loss="categorical_focal_crossentropy", optimizer="lion",
+        learning_rate=1e-4, loss_options={"alpha": "balanced", "gamma": 2.0, "from_logits": True},
+        early_stopping={"monitor": "val_loss", "patience": 10, "restore_best_weights": True},
+        reduce_lr={"monitor": "val_accuracy", "patience": 1, "factor": 0.2, "min_lr": 1e-8},
+        checkpoint_monitor="val_loss",
+    ),
+    profiles={"demo": {"epochs": 4, "weights": "random", "generated_per_class": 40, "generated_size": 299}},
+    documented_metrics={"test_accuracy": 1.0, "test_n": 33},
+    pretrained={"kind": "tfhub", "handle": HANDLE},
+)
+
+
+@keras.saving.register_keras_serializable(package="lung_models")
+class ChannelNormalization(keras.layers.Layer):
+    """``(x - mean) / sqrt(variance)`` per channel, with the statistics of the training images.
+
+    Same arithmetic as an adapted ``keras.layers.Normalization``, but the statistics are layer
+    weights (variables): Keras' own layer keeps them as captured constants, which tf2onnx turns
+    into extra graph inputs instead of folding them into the ONNX file.
+    """
+
+    def __init__(self, channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.mean = self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name="mean")
+        self.variance = self.add_weight(shape=(channels,), initializer="ones", trainable=False, name="variance")
+
+    def adapt(self, images: np.ndarray) -> None:
+        flat = np.asarray(images, dtype="float64").reshape(-1, self.channels)
+        self.mean.assign(flat.mean(axis=0).astype("float32"))
+        self.variance.assign(flat.var(axis=0).astype("float32"))
+
+    def call(self, inputs):
+        return (inputs - self.mean) / keras.ops.sqrt(keras.ops.maximum(self.variance, 1e-7))
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="lung_models")
+class HubFeatures(keras.layers.TFSMLayer):
+    """A TF-Hub image feature-vector module as a trainable Keras 3 layer.
+
+    Uses the module's ``serving_default`` signature when it has one, else its ``__call__``, and
+    renames the variables' paths: TF1-style names end in ``:0``, and Keras optimisers build slot
+    variable names from the path, which may not contain ``:``.
+    """
+
+    def __init__(self, filepath: str, **kwargs):
+        import tensorflow as tf
+
+        endpoint = kwargs.pop("call_endpoint", None)
+        if endpoint is None:
+            endpoint = "serving_default" if "serving_default" in tf.saved_model.load(filepath).signatures \
+                else "__call__"
+        super().__init__(filepath, call_endpoint=endpoint, **kwargs)
+        for variable in self.weights:
+            variable._path = variable.path.replace(":", "_")
+
+    def call(self, inputs, training=False, **kwargs):
+        out = super().call(inputs, training=training, **kwargs)
+        if isinstance(out, dict):  # a signature returns {name: tensor}
+            (out,) = out.values()
+        return out
+
+
+@register(SPEC)
+def build(spec: ModelSpec = SPEC, input_shape=None, weights: str = PRETRAINED, adapt_x: np.ndarray | None = None):
+    from keras import layers
+
+    shape = tuple(input_shape or spec.input_shape)
+    inputs = keras.Input(shape, name="image")
+    x = layers.Rescaling(1 / 255, name="rescale")(inputs)
+    x = layers.RandomFlip("horizontal_and_vertical", name="augment_flip")(x)
+    x = layers.RandomRotation(0.7, name="augment_rotation")(x)
+    x = layers.RandomZoom(0.0, 0.2, name="augment_zoom")(x)
+    norm = ChannelNormalization(shape[-1], name="normalize")
+    if adapt_x is not None:  # statistics of the training images, after rescaling, as documented
+        norm.adapt(np.asarray(adapt_x, dtype="float32") / 255.0)
+    x = norm(x)
+    module = resolve_tfhub(spec.pretrained["handle"], weights)
+    if module is None:
+        # Random initialisation: the same InceptionV3 architecture, average-pooled to 2048 features.
+        features = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg", input_shape=shape)
+    else:
+        features = HubFeatures(str(Path(module)), trainable=True, name="tfhub_inception_v3")
+    x = features(x)
+    x = layers.Dropout(0.4, name="dropout")(x)
+    return keras.Model(inputs, layers.Dense(2, name="logits")(x), name="ct_inception_hub")

@@ -1,0 +1,82 @@
+"""Data set layouts (prefix-mapped class folders, shipped splits) and pretrained-weight errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lung_models import pretrained, registry
+from lung_models.data import datasets
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(path)
+
+
+CHEST_TRAIN = ["adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa",
+               "normal", "squamous.cell.carcinoma_left.hilum_T1_N2_M0_IIIa"]
+CHEST_TEST = ["adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma"]
+
+
+def test_chest_folders_with_long_and_short_names_map_to_the_four_classes(tmp_path):
+    spec = registry.get("chest-cnn").spec
+    for split, folders in (("train", CHEST_TRAIN), ("valid", CHEST_TRAIN), ("test", CHEST_TEST)):
+        for folder in folders:
+            for i in range(3):
+                _png(tmp_path / "Data" / split / folder / f"{i}.png")
+    found = datasets.find_split_folders(tmp_path, spec.dataset, spec.class_names)
+    assert {k: len(v) for k, v in found.items()} == {"train": 12, "val": 12, "test": 12}
+    for items in found.values():
+        assert sorted({spec.class_names[i.label] for i in items}) == sorted(spec.class_names)
+        for item in items:  # every file landed in the class its folder names
+            assert item.path.parent.name.startswith(spec.class_names[item.label])
+    splits, note = datasets.assign_splits(found, spec.dataset.split)
+    assert note == "the data set's own split folders" and len(splits["test"]) == 12
+
+
+def test_a_class_folder_that_maps_to_no_class_is_an_error_naming_it(tmp_path):
+    spec = registry.get("chest-cnn").spec
+    for folder in CHEST_TRAIN:
+        _png(tmp_path / "Data" / "train" / folder / "a.png")
+    _png(tmp_path / "Data" / "train" / "small.cell.carcinoma" / "a.png")
+    with pytest.raises(datasets.DatasetLayoutError, match="small.cell.carcinoma"):
+        datasets.find_split_folders(tmp_path, spec.dataset, spec.class_names)
+
+
+def test_the_real_chest_sample_without_a_test_folder_gets_one_carved_from_train(shared_data):
+    spec = registry.get("chest-cnn").spec
+    found = datasets.find_split_folders(shared_data / "chest-ct-4class", spec.dataset, spec.class_names)
+    assert len(found["train"]) == 613 and len(found["val"]) == 72 and "test" not in found
+    splits, note = datasets.assign_splits(found, spec.dataset.split)
+    assert "carved from the train folder" in note
+    assert len(splits["val"]) == 72 and len(splits["train"]) + len(splits["test"]) == 613
+    assert {i.path for i in splits["train"]}.isdisjoint(i.path for i in splits["test"])
+    assert len({i.label for i in splits["test"]}) == 4
+
+
+def test_offline_tfhub_error_names_the_module_and_the_fix(monkeypatch):
+    import tensorflow_hub as hub
+
+    def offline(handle):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(hub, "resolve", offline)
+    handle = registry.get("ct-inception-hub").spec.pretrained["handle"]
+    with pytest.raises(pretrained.PretrainedWeightsError) as err:
+        pretrained.resolve_tfhub(handle, "pretrained")
+    assert handle in str(err.value) and "--weights" in str(err.value) and "TFHUB_CACHE_DIR" in str(err.value)
+    assert pretrained.resolve_tfhub(handle, "random") is None
+
+
+def test_offline_imagenet_error_names_the_file_and_where_it_goes():
+    def ResNet50(weights=None, **kwargs):  # noqa: N802 - stands in for keras.applications.ResNet50
+        raise Exception("URL fetch failure: network is unreachable")
+
+    with pytest.raises(pretrained.PretrainedWeightsError) as err:
+        pretrained.keras_application(ResNet50, "pretrained", include_top=False)
+    message = str(err.value)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message and ".keras/models" in message
+    with pytest.raises(pretrained.PretrainedWeightsError, match="not found"):
+        pretrained.keras_application(ResNet50, "/no/such/weights.h5")
