@@ -89,7 +89,7 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
     bundles = train_models(models=models, profile="demo", source="generated", exports_dir=exports_dir,
                            work_dir=work_dir)
     incoming = Path(work_dir) / "incoming"
-    write_incoming(incoming, seed=int(time.time()) % 100000)
+    write_incoming(incoming, seed=int(time.time()) % 100000, n_slices=4)
     report = score_folder(input_dir=str(incoming), output_dir=str(Path(work_dir) / "reports"),
                           exports_dir=exports_dir)
     typer.echo("\n=== demo summary (generated data, demo profile) ===")

@@ -7,11 +7,14 @@ overwritten; ``exports/<model>/LATEST`` names the newest complete one (written l
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lung_models.fileutil import sha256_file
+
+log = logging.getLogger(__name__)
 
 CARD = "model_card.json"
 ONNX = "model.onnx"
@@ -67,7 +70,14 @@ def load_bundle(path: str | Path) -> ModelBundle:
     card_path = path / CARD
     if not card_path.is_file() or not (path / ONNX).is_file():
         raise BundleError(f"{path}: not a model bundle (needs {CARD} and {ONNX}); run the train flow")
-    return ModelBundle(path=path, card=json.loads(card_path.read_text()))
+    try:
+        card = json.loads(card_path.read_text())
+        missing = [k for k in ("version", "model", "preprocessing", "onnx_sha256") if k not in card]
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{card_path}: unreadable model card ({exc}); re-export the model") from None
+    if missing:
+        raise BundleError(f"{card_path}: model card lacks {', '.join(missing)}; re-export the model")
+    return ModelBundle(path=path, card=card)
 
 
 def latest_version(exports_root: str | Path, model_name: str) -> Path | None:
@@ -88,11 +98,14 @@ def latest_bundles(exports_root: str | Path, names: list[str] | None = None) -> 
     found: dict[str, ModelBundle] = {}
     candidates = names if names else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     for name in candidates:
-        path = latest_version(root, name)
-        if path is None:
-            if names:
+        try:
+            path = latest_version(root, name)
+            if path is None:
                 raise BundleError(f"{root / name}: no exported version of model {name!r}; "
                                   "train it first (lung-factory train --models ...)")
-            continue
-        found[name] = load_bundle(path)
+            found[name] = load_bundle(path)
+        except (BundleError, ValueError, KeyError) as exc:
+            if names:  # asked for by name: its absence is an error
+                raise
+            log.error("skipping %s: %s", root / name, exc)  # scanning everything: one bad folder is skipped
     return found

@@ -134,15 +134,18 @@ def choose_combination(spec: ModelSpec, model, val_x: np.ndarray, val_y: np.ndar
 
     average = keras.Model(model.inputs, model.get_layer("average").output, name="chest_ensemble")
     subs = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    acc = {
-        "plain_average": float((np.asarray(average.predict(val_x, verbose=0)).argmax(1) == val_y).mean()),
-        "trained_combiner": float((np.asarray(model.predict(val_x, verbose=0)).argmax(1) == val_y).mean()),
-    }
-    for sub in subs:
-        acc[f"submodel {sub.name}"] = float((np.asarray(sub.predict(val_x, verbose=0)).argmax(1) == val_y).mean())
+    from sklearn.metrics import log_loss
+
+    acc, loss = {}, {}
+    candidates = {"plain_average": average, "trained_combiner": model}
+    candidates.update({f"submodel {sub.name}": sub for sub in subs})
+    for key, candidate in candidates.items():
+        probs = np.asarray(candidate.predict(val_x, verbose=0))
+        acc[key] = float((probs.argmax(1) == val_y).mean())
+        loss[key] = float(log_loss(val_y, np.clip(probs, 1e-7, 1), labels=list(range(probs.shape[1]))))
     choice = "trained_combiner" if acc["trained_combiner"] > acc["plain_average"] else "plain_average"
     best_sub = max(v for k, v in acc.items() if k.startswith("submodel"))
-    notes = {"validation_accuracy": acc, "choice": choice,
+    notes = {"validation_accuracy": acc, "validation_loss": loss, "choice": choice,
              "worse_than_best_submodel": bool(acc[choice] < best_sub),
              "summary": f"ensemble combination on validation: {acc}; chose {choice}"
                         + (" — WARNING: worse than its best submodel on validation" if acc[choice] < best_sub else "")}

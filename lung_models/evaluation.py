@@ -61,7 +61,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
     except ValueError:  # a class absent from the test split: AUC is undefined, say so
         auc = None
     low, high = wilson_interval(correct, total)
-    return {
+    return _finite_or_none({
         "n": total,
         "accuracy": correct / total if total else float("nan"),
         "accuracy_ci95_wilson": [low, high],
@@ -70,7 +70,18 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         "confusion_matrix_axes": "rows = true class, columns = predicted class",
         "roc_auc": auc,
         "class_names": list(class_names),
-    }
+    })
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """NaN (an undefined metric) becomes None, which JSON can hold."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -61,24 +62,43 @@ def ort_session(path: Path, providers: list[str] | None = None):
 def check_parity(fn, session, x: np.ndarray, params: dict[str, Any], batch_size: int = 8) -> dict[str, Any]:
     """Compare TensorFlow and ONNX Runtime probabilities on every item of ``x``."""
     input_name = session.get_inputs()[0].name
-    max_diff, mismatched = 0.0, 0
+    diffs, mismatched, finite = [], 0, True
     for start in range(0, len(x), batch_size):
         batch = preprocess.batch_stage(x[start:start + batch_size], params)
         tf_probs = fn(batch).numpy()
         ort_probs = session.run(None, {input_name: batch})[0]
-        max_diff = max(max_diff, float(np.abs(tf_probs - ort_probs).max()))
+        finite &= bool(np.isfinite(tf_probs).all() and np.isfinite(ort_probs).all())
+        diffs.append(np.abs(tf_probs - ort_probs).reshape(-1))
         mismatched += int((tf_probs.argmax(1) != ort_probs.argmax(1)).sum())
-    return {"items": len(x), "max_abs_diff": max_diff, "class_mismatches": mismatched,
-            "atol": PARITY_ATOL, "passed": bool(max_diff <= PARITY_ATOL and mismatched == 0)}
+    # NaN compares false and would slip through a plain max: non-finite output fails outright.
+    max_diff = float(np.max(np.concatenate(diffs))) if diffs else float("nan")
+    passed = bool(finite and len(x) > 0 and max_diff <= PARITY_ATOL and mismatched == 0)
+    return {"items": int(len(x)), "max_abs_diff": max_diff if finite else None, "all_finite": finite,
+            "class_mismatches": mismatched, "atol": PARITY_ATOL, "passed": passed}
 
 
-def new_version(model_dir: Path) -> str:
+def reserve_version(model_dir: Path) -> str:
+    """Claim a new version folder (UTC time, then -002, -003... within one second) with an
+    exclusive mkdir, so two exports never get the same version."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    version, n = stamp, 1
-    while (model_dir / version).exists():
-        n += 1
-        version = f"{stamp}-{n}"
-    return version
+    for n in range(1, 1000):
+        version = stamp if n == 1 else f"{stamp}-{n:03d}"
+        try:
+            (model_dir / version).mkdir()
+            return version
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{model_dir}: cannot reserve a new version folder")
+
+
+def point_latest(model_dir: Path, version: str) -> None:
+    """Move ``LATEST`` to ``version`` unless a newer version is already there (under a lock)."""
+    with open(model_dir / ".latest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pointer = model_dir / LATEST
+        current = pointer.read_text().strip() if pointer.is_file() else ""
+        if version > current:  # versions sort by time
+            atomic_write_text(pointer, version + "\n")
 
 
 def _versions() -> dict[str, str]:
@@ -107,6 +127,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
     input_shape = tuple(int(d) for d in test_x.shape[1:])
     fn = probability_function(model, spec.output, input_shape)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    final: Path | None = None
     try:
         onnx_path = staging / ONNX
         progress(f"{spec.name}: converting to ONNX (opset {OPSET})")
@@ -114,13 +135,15 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
         session = ort_session(onnx_path)
         parity = check_parity(fn, session, test_x, params)
         progress(f"{spec.name}: parity on {parity['items']} test items: max |Δp| = "
-                 f"{parity['max_abs_diff']:.2e}, class mismatches = {parity['class_mismatches']}")
+                 f"{parity['max_abs_diff']}, class mismatches = {parity['class_mismatches']}")
         if not parity["passed"]:
             raise ParityError(
-                f"{spec.name}: ONNX output differs from Keras (max |Δp| {parity['max_abs_diff']:.3e} > "
-                f"{PARITY_ATOL} or {parity['class_mismatches']} class mismatches); bundle not written")
+                f"{spec.name}: ONNX output differs from Keras (max |Δp| {parity['max_abs_diff']} > "
+                f"{PARITY_ATOL}, {parity['class_mismatches']} class mismatches, all finite: "
+                f"{parity['all_finite']}); bundle not written")
 
-        version = new_version(model_dir)
+        version = reserve_version(model_dir)
+        final = model_dir / version
         card: dict[str, Any] = {
             "version": version,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -151,11 +174,12 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
         for name, src in files.items():
             shutil.copy2(src, staging / name)
         atomic_write_json(staging / CARD, card)
-        final = model_dir / version
-        os.rename(staging, final)  # a complete bundle appears at once, or not at all
+        os.rename(staging, final)  # replaces the empty reserved folder: the bundle appears whole
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if final is not None and final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
         raise
-    atomic_write_text(model_dir / LATEST, version + "\n")
+    point_latest(model_dir, version)
     progress(f"{spec.name}: bundle written to {final}")
     return final

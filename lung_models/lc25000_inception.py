@@ -33,7 +33,7 @@ SPEC = ModelSpec(
         early_stopping={"monitor": "val_accuracy", "patience": 3, "restore_best_weights": True},
         reduce_lr={"monitor": "val_loss", "patience": 2, "factor": 0.5},
         stop_above={"monitor": "val_accuracy", "value": 0.90},
-        checkpoint_monitor="val_loss",
+        checkpoint_monitor="val_accuracy",  # the model early stopping restores is the one kept
     ),
     profiles={"demo": {"epochs": 6, "batch_size": 32, "weights": "random", "generated_per_class": 60,
                        "generated_size": 384}},

@@ -14,8 +14,9 @@ from typing import Any
 RANDOM = "random"
 PRETRAINED = "pretrained"
 # The files keras.applications looks for in ~/.keras/models (ImageNet weights without the top).
-NOTOP_FILES = {"ResNet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-               "InceptionV3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"}
+NOTOP_FILES = {"ResNet50": "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+               "InceptionV3": "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"}
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -45,8 +46,9 @@ def resolve_tfhub(handle: str, weights: str) -> Path | None:
         cache = os.environ.get("TFHUB_CACHE_DIR", "<system temp>/tfhub_modules")
         raise PretrainedWeightsError(
             f"cannot fetch the TF-Hub module {handle} ({type(exc).__name__}: {exc}). Either give this "
-            f"machine network access once (it is cached under TFHUB_CACHE_DIR={cache}), or download the "
-            "module's TF2 SavedModel archive on another machine, extract it and pass the folder with "
+            f"machine network access once (it is cached under TFHUB_CACHE_DIR={cache}), or download "
+            f"{handle}?tf-hub-format=compressed (a .tar.gz SavedModel) on another machine, extract it "
+            "and pass the folder with "
             "--weights /path/to/module, or train from random initialisation with --weights random"
         ) from None
 
@@ -67,7 +69,7 @@ def keras_application(factory: Any, weights: str, **kwargs: Any):
         name = factory.__name__
         raise PretrainedWeightsError(
             f"cannot fetch the ImageNet weights of {name} ({type(exc).__name__}: {exc}). Download "
-            f"{NOTOP_FILES.get(name, 'its notop weights file')} from the keras-applications release into "
+            f"{KERAS_WEIGHTS_URL}{NOTOP_FILES.get(name, '')} into "
             f"{Path(os.environ.get('KERAS_HOME', Path.home() / '.keras')) / 'models'}/, or pass the file "
             "with --weights /path/to/file.h5, or train from random initialisation with --weights random"
         ) from None

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # not even open) goes to every image model, so each reports the error on its row.
 MODALITY_INPUTS = {HISTOLOGY_TILE: {HISTOLOGY_TILE, "image"}, CT_SLICE: {CT_SLICE, "image"},
                    CT_VOLUME: {CT_VOLUME}}
+VOLUME_BATCH = 2
 BASE_COLUMNS = ["relative_path", "file_sha256", "model", "model_version", "predicted_class",
                 "status", "error", "provider", "scored_utc"]
 
@@ -77,14 +78,13 @@ def score_files(model: LoadedModel, files: Iterable[Path], root: Path, hashes: d
     bundle = model.bundle
     params = bundle.preprocessing
     read = reader_for(params)
+    if params["kind"] == "ct_volume":  # a batch of 3-D volumes costs gigabytes: keep it small
+        batch_size = min(batch_size, VOLUME_BATCH)
     classes = bundle.class_names
     pending: list[tuple[Path, np.ndarray]] = []
 
     def row(path: Path, **values: Any) -> dict[str, Any]:
-        rel = path.relative_to(root).as_posix()
-        return {"relative_path": rel, "file_sha256": hashes.get(rel, ""), "model": bundle.name,
-                "model_version": bundle.version, "provider": model.provider, "scored_utc": _now(),
-                "predicted_class": "", "error": "", **values}
+        return result_row(bundle, path, root, hashes, provider=model.provider, **values)
 
     def flush() -> Iterator[dict[str, Any]]:
         paths = [p for p, _ in pending]
@@ -104,7 +104,7 @@ def score_files(model: LoadedModel, files: Iterable[Path], root: Path, hashes: d
             pending.append((path, preprocess.model_input(read(path), params)))
         except InputError as exc:
             yield row(path, status="error", error=str(exc))
-        except (OSError, ValueError, MemoryError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must never end the night
             yield row(path, status="error", error=f"{path.name}: cannot be read or preprocessed "
                       f"({type(exc).__name__}: {exc}); check the file")
         if len(pending) >= batch_size:
@@ -138,17 +138,19 @@ def files_for(bundle: ModelBundle, files: list[Path], kinds: dict[str, str], roo
     return [f for f in files if kinds.get(f.relative_to(root).as_posix()) in wanted]
 
 
+def result_row(bundle: ModelBundle, path: Path, root: Path, hashes: dict[str, str], **values: Any) -> dict[str, Any]:
+    """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
+    rel = path.relative_to(root).as_posix()
+    return {"relative_path": rel, "file_sha256": hashes.get(rel, ""), "model": bundle.name,
+            "model_version": bundle.version, "provider": "", "scored_utc": _now(),
+            "predicted_class": "", "error": "", **values}
+
+
 def refused_rows(bundle: ModelBundle, files: Iterable[Path], root: Path, hashes: dict[str, str],
                  reason: str) -> list[dict[str, Any]]:
     """Rows for files a model could not score at all (its bundle was refused), so the report
     still lists every (file, model) pair and says why."""
-    rows = []
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        rows.append({"relative_path": rel, "file_sha256": hashes.get(rel, ""), "model": bundle.name,
-                     "model_version": bundle.version, "provider": "", "scored_utc": _now(),
-                     "predicted_class": "", "status": "error", "error": reason})
-    return rows
+    return [result_row(bundle, path, root, hashes, status="error", error=reason) for path in files]
 
 
 def hash_files(files: list[Path], root: Path) -> dict[str, str]:

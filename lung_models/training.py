@@ -73,6 +73,11 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
     return ArrayBatches()
 
 
+def monitor_mode(monitor: str) -> str:
+    """Accuracies improve upwards, losses downwards."""
+    return "max" if "acc" in monitor else "min"
+
+
 def make_optimizer(recipe: TrainingRecipe):
     import keras
 
@@ -185,7 +190,8 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     x_train, y_train = data.arrays("train")
     x_val, y_val = data.arrays("val")
 
-    adapt_x = preprocess.batch_stage(x_train[: min(len(x_train), 256)], params)
+    sample = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:256])
+    adapt_x = preprocess.batch_stage(x_train[sample], params)  # for layers adapted on training images
     model = build_model(build, spec, recipe, input_shape=input_shape, parts=parts, adapt_x=adapt_x)
     model.compile(optimizer=make_optimizer(recipe), loss=make_loss(recipe, y_train, n_classes),
                   metrics=["accuracy"])
@@ -195,19 +201,19 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     val_batches = make_batches(x_val, y_val, shuffle=False, augmentation=None, seed=seed, **common)
 
     checkpoint = out_dir / "best.keras"
-    mode = "max" if "acc" in recipe.checkpoint_monitor else "min"
     callbacks = [
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor, mode=mode,
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor,
+                                        mode=monitor_mode(recipe.checkpoint_monitor),
                                         save_best_only=True),
         _ProgressLog(spec.name, recipe.epochs, say),
     ]
     if recipe.early_stopping:
         es = dict(recipe.early_stopping)
-        es.setdefault("mode", "max" if "acc" in es["monitor"] else "min")
+        es.setdefault("mode", monitor_mode(es["monitor"]))
         callbacks.append(keras.callbacks.EarlyStopping(**es))
     if recipe.reduce_lr:
         rl = dict(recipe.reduce_lr)
-        rl.setdefault("mode", "max" if "acc" in rl["monitor"] else "min")
+        rl.setdefault("mode", monitor_mode(rl["monitor"]))
         callbacks.append(keras.callbacks.ReduceLROnPlateau(**rl))
     if recipe.stop_above:
         callbacks.append(_StopAbove(recipe.stop_above["monitor"], recipe.stop_above["value"], say))

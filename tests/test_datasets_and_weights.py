@@ -77,6 +77,17 @@ def test_offline_imagenet_error_names_the_file_and_where_it_goes():
     with pytest.raises(pretrained.PretrainedWeightsError) as err:
         pretrained.keras_application(ResNet50, "pretrained", include_top=False)
     message = str(err.value)
-    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message and ".keras/models" in message
+    assert "keras-applications/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert ".keras/models" in message
     with pytest.raises(pretrained.PretrainedWeightsError, match="not found"):
         pretrained.keras_application(ResNet50, "/no/such/weights.h5")
+
+
+def test_duplicate_images_never_span_splits_in_the_real_chest_sample(shared_data, tmp_path):
+    spec = registry.get("chest-cnn").spec
+    prepared = datasets.prepare(spec, shared_data / "chest-ct-4class", tmp_path, input_shape=(32, 32, 3))
+    manifest = prepared.manifest
+    hashes = [e["sha256"] for split in ("train", "val", "test") for e in manifest["splits"][split]]
+    assert len(hashes) == len(set(hashes))  # the sample ships 100+ byte-identical copies
+    assert len(manifest["duplicates_dropped"]) > 100
+    assert any("same image under classes" in d["reason"] for d in manifest["duplicates_dropped"])

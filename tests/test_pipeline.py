@@ -101,6 +101,50 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
 
 
 @pytest.mark.parametrize("name", registry.names())
+def test_onnx_file_reproduces_the_saved_keras_model(factory, name):
+    """Independently of the export's own parity record: run the bundle's ONNX file and its Keras
+    checkpoint on the same inputs and compare."""
+    from lung_models import export, scoring, training
+
+    bundle = load_bundle(factory["bundles"][name])
+    model = training.load_checkpoint(bundle.path / "model.keras")
+    x = np.random.default_rng(0).random((3, *bundle.card["input"]["shape"][1:]), dtype=np.float32)
+    if bundle.preprocessing.get("scale") == 1.0:
+        x *= 255  # models that rescale inside take 0-255 pixels
+    keras_probs = export.probability_function(model, registry.get(name).spec.output, x.shape[1:])(x).numpy()
+    onnx_probs = scoring.predict(scoring.open_model(bundle), x)
+    assert np.isfinite(onnx_probs).all() and np.abs(onnx_probs - keras_probs).max() <= 1e-4
+    np.testing.assert_allclose(onnx_probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_parity_check_fails_on_nan_and_on_disagreement():
+    from lung_models.export import check_parity
+
+    class Session:
+        def __init__(self, out):
+            self.out = out
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input"})()]
+
+        def run(self, _, feed):
+            return [self.out]
+
+    good = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+
+    class Fn:
+        def __call__(self, x):
+            return type("T", (), {"numpy": lambda _self: good})()
+
+    x = np.zeros((2, 4), dtype=np.float32)
+    params = {"kind": "ct_volume"}
+    assert check_parity(Fn(), Session(good), x, params)["passed"]
+    assert not check_parity(Fn(), Session(np.full_like(good, np.nan)), x, params)["passed"]
+    assert not check_parity(Fn(), Session(good[:, ::-1].copy()), x, params)["passed"]
+    assert not check_parity(Fn(), Session(good + 2e-4), x, params)["passed"]
+
+
+@pytest.mark.parametrize("name", registry.names())
 def test_split_manifest_has_disjoint_splits(factory, name):
     manifest = json.loads((Path(factory["bundles"][name]) / "split_manifest.json").read_text())
     seen = [e["sha256"] for split in ("train", "val", "test") for e in manifest["splits"][split]]
@@ -263,6 +307,35 @@ def test_a_tampered_onnx_file_is_refused(factory, tmp_path):
         f.write(b"\0")
     with pytest.raises(BundleError, match="does not match"):
         scoring.open_model(load_bundle(bundle_dir))
+
+
+def test_score_flow_survives_a_broken_graph_a_dangling_latest_and_a_huge_image(factory, tmp_path):
+    from PIL import Image
+
+    from flows.score import score_folder
+    from lung_models.fileutil import atomic_write_json
+
+    exports = tmp_path / "exports"
+    shutil.copytree(factory["exports"], exports)
+    # chest-cnn: a card whose hash matches a file ONNX Runtime cannot load.
+    broken = latest_bundles(exports)["chest-cnn"]
+    broken.onnx_path.write_bytes(b"not an onnx graph")
+    atomic_write_json(broken.path / "model_card.json", {**broken.card, "onnx_sha256": sha256_file(broken.onnx_path)})
+    # chest-chained: LATEST names a version that is gone.
+    (exports / "chest-chained" / "LATEST").write_text("20000101T000000Z\n")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    Image.fromarray(phantoms.ct_slice("normal", np.random.default_rng(1), size=128)).save(folder / "slice.png")
+    Image.new("L", (20000, 10000)).save(folder / "huge.png")  # > PIL's decompression-bomb limit
+    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports))
+    df = pd.read_csv(csv, keep_default_na=False)
+    assert "chest-chained" not in set(df.model)  # skipped with a logged error, not a crash
+    cnn = df[df.model == "chest-cnn"]
+    assert set(cnn.status) == {"error"} and all("model refused" in e for e in cnn.error)
+    huge = df[(df.relative_path == "huge.png") & (df.model != "chest-cnn")]
+    assert len(huge) > 0 and set(huge.status) == {"error"} and all("huge.png" in e for e in huge.error)
+    ok = df[(df.relative_path == "slice.png") & (df.model != "chest-cnn")]
+    assert len(ok) == 3 and set(ok.status) == {"ok"}  # resnet50, ensemble, ct-inception-hub
 
 
 def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(factory, tmp_path):

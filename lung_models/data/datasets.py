@@ -132,6 +132,36 @@ def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item
     return {name: sorted(v, key=lambda i: str(i.path)) for name, v in out.items()}
 
 
+def drop_duplicates(given: dict[str, list[Item]], hashes: dict[str, str], class_names: tuple[str, ...]
+                    ) -> tuple[dict[str, list[Item]], list[dict[str, str]]]:
+    """Keep one file per content hash, so no image is in two splits (real data sets ship copies).
+
+    The first copy is kept (train before val before test); a hash whose copies carry different
+    labels is dropped entirely, since its label cannot be trusted. Returns what was dropped, why.
+    """
+    labels: dict[str, set[int]] = {}
+    for group in given.values():
+        for item in group:
+            labels.setdefault(hashes[str(item.path)], set()).add(item.label)
+    order = [s for s in ("all", *SPLITS) if s in given]
+    seen: set[str] = set()
+    kept: dict[str, list[Item]] = {}
+    dropped: list[dict[str, str]] = []
+    for split in order:
+        kept[split] = []
+        for item in given[split]:
+            digest = hashes[str(item.path)]
+            if len(labels[digest]) > 1:
+                dropped.append({"path": str(item.path), "sha256": digest, "reason": "same image under classes "
+                                + ", ".join(class_names[i] for i in sorted(labels[digest]))})
+            elif digest in seen:
+                dropped.append({"path": str(item.path), "sha256": digest, "reason": "copy of an earlier file"})
+            else:
+                seen.add(digest)
+                kept[split].append(item)
+    return kept, dropped
+
+
 def assign_splits(given: dict[str, list[Item]], split: dict[str, Any]) -> tuple[dict[str, list[Item]], str]:
     """Train/val/test from the data set's own split folders, or by seeded fractions.
 
@@ -207,11 +237,14 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
         say(f"{spec.name}: preprocessed cache found at {folder}, reusing it")
         return PreparedData(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    given, duplicates = drop_duplicates(given, hashes, spec.class_names)
+    if duplicates:
+        say(f"{spec.name}: dropped {len(duplicates)} byte-identical duplicate files (see the split manifest)")
     splits, split_note = assign_splits(given, spec.dataset.split)
     read = reader_for(params)
     manifest: dict[str, Any] = {"preprocessing": params, "class_names": list(spec.class_names),
                                 "root": str(root), "split": spec.dataset.split, "split_note": split_note, "splits": {},
-                                "skipped": []}
+                                "skipped": [], "duplicates_dropped": duplicates}
     for name in SPLITS:
         kept: list[tuple[Item, np.ndarray]] = []
         for n, item in enumerate(splits[name], 1):

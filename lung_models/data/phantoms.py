@@ -1501,11 +1501,13 @@ def write_dataset(kind: str, root: Path, n_per_class: int, seed: int, **params: 
 
 
 def write_incoming(root: Path, seed: int, n_tiles: int = 4, n_volumes: int = 2, corrupt: bool = True, *,
-                   tile_size: int = 768, in_plane: int = 256, slices: int = 48) -> list[Path]:
+                   tile_size: int = 768, in_plane: int = 256, slices: int = 48, n_slices: int = 0,
+                   slice_size: int = 512) -> list[Path]:
     """A folder of newly arrived files for the scoring demo; returns the paths written.
 
     Tiles of random classes alternate between PNG and JPEG (``slide_001.png``, ``slide_002.jpg``,
-    ...); volumes go to ``ct/scan_001.nii.gz``, ... Names carry no label, since scoring must not
+    ...); volumes go to ``ct/scan_001.nii.gz``, ...; chest CT slices (``n_slices``) to
+    ``ct-slices/slice_001.png``, ... Names carry no label, since scoring must not
     see one. With ``corrupt`` a truncated ``ct/broken_scan.nii.gz`` is added: its header still
     parses but its data ends early, the way an interrupted transfer looks.
     """
@@ -1522,6 +1524,10 @@ def write_incoming(root: Path, seed: int, n_tiles: int = 4, n_volumes: int = 2, 
         cls = MOSMED_CLASSES[int(pick.integers(len(MOSMED_CLASSES)))]
         volume, affine = ct_volume(cls, np.random.default_rng([int(seed), 2, i]), in_plane, slices)
         written.append(atomic_write_bytes(root / "ct" / f"scan_{i + 1:03d}.nii.gz", _nifti_gz_bytes(volume, affine)))
+    for i in range(n_slices):
+        cls = CHEST_CLASSES[int(pick.integers(len(CHEST_CLASSES)))]
+        image = ct_slice(cls, np.random.default_rng([int(seed), 4, i]), slice_size)
+        written.append(atomic_write_bytes(root / "ct-slices" / f"slice_{i + 1:03d}.png", _png_bytes(image)))
     if corrupt:
         volume, affine = ct_volume("normal", np.random.default_rng([int(seed), 3]), 64, 16)
         data = _nifti_gz_bytes(volume, affine)

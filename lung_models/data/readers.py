@@ -54,9 +54,15 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     except UnidentifiedImageError:
         raise InputError(path, "not a readable image (unknown or corrupt format)",
                          "check the file is a PNG/JPEG/TIFF and re-transfer it") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(path, f"image too large to be a scan or tile ({exc})",
+                         "crop or downsample it before scoring") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"image is truncated or corrupt ({exc})",
                          "re-transfer the file from its source") from None
+    except Exception as exc:  # noqa: BLE001 - any other decoder failure is still this file's problem
+        raise InputError(path, f"image cannot be decoded ({type(exc).__name__}: {exc})",
+                         "re-export the image as PNG or JPEG") from None
 
 
 def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
