@@ -8,19 +8,6 @@ from typing import Any
 import numpy as np
 
 
-def probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
-    """Model outputs → one probability column per class: a sigmoid unit is P(class 1)."""
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if output_kind == "sigmoid":
-        p1 = outputs.reshape(-1)
-        return np.stack([1.0 - p1, p1], axis=1)
-    if output_kind == "logits":
-        from scipy.special import softmax
-
-        return softmax(outputs, axis=1)
-    return outputs
-
-
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
     from scipy.stats import binomtest
 

@@ -76,11 +76,6 @@ def scale_rgb(batch_uint8: np.ndarray, scale: float) -> np.ndarray:
     return batch_uint8.astype(np.float32) * np.float32(scale)
 
 
-def preprocess_rgb_image(image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-    """uint8 RGB (H, W, 3) → float32 model input (h, w, 3), resized and rescaled."""
-    return scale_rgb(resize_rgb(image, tuple(params["size"])), params["scale"])
-
-
 # The scorer and the trainer look preprocessing up by the ``kind`` recorded in the spec/bundle.
 def cache_stage(image_or_volume: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     """The deterministic, expensive part of preprocessing, whose result is cached on disk.

@@ -101,13 +101,6 @@ class ModelSpec:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(self.recipe, **values)
 
-    def profile_option(self, profile: str, key: str, default: Any = None) -> Any:
-        """A non-recipe setting of a profile (e.g. ``generated_per_class``)."""
-        return self.profiles.get(profile, {}).get(key, default)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class RegisteredModel:
@@ -176,7 +169,3 @@ def get(name: str) -> RegisteredModel:
 
 def names() -> list[str]:
     return sorted(load_all())
-
-
-def specs_for_modality(modality: str) -> list[ModelSpec]:
-    return [m.spec for m in load_all().values() if m.spec.modality == modality]
