@@ -44,7 +44,7 @@ SPEC = ModelSpec(
         reduce_lr={"monitor": "val_accuracy", "patience": 1, "factor": 0.2, "min_lr": 1e-8},
         checkpoint_monitor="val_loss",
     ),
-    profiles={"demo": {"epochs": 4, "weights": "random", "generated_per_class": 40, "generated_size": 299}},
+    profiles={"demo": {"epochs": 2, "weights": "random", "generated_per_class": 40, "generated_size": 299}},
     documented_metrics={"test_accuracy": 1.0, "test_n": 33},
     pretrained={"kind": "tfhub", "handle": HANDLE},
 )

@@ -35,7 +35,7 @@ SPEC = ModelSpec(
         stop_above={"monitor": "val_accuracy", "value": 0.90},
         checkpoint_monitor="val_accuracy",  # the model early stopping restores is the one kept
     ),
-    profiles={"demo": {"epochs": 6, "batch_size": 32, "weights": "random", "generated_per_class": 60,
+    profiles={"demo": {"epochs": 3, "batch_size": 32, "weights": "random", "generated_per_class": 60,
                        "generated_size": 384}},
     documented_metrics={"f1_per_class_above": 0.90},
     pretrained={"kind": "keras_applications", "weights": "imagenet", "model": "InceptionV3"},
