@@ -805,19 +805,20 @@ def _open_archive(archive: Path) -> Iterator[_ArchiveReader]:
         )
 
 
-class _ArchiveReader:
+class _ArchiveReader(ABC):
     """Shared validation; subclasses list their raw members and copy one file out."""
 
     def __init__(self, archive: Path) -> None:
         self.archive = archive
         self._by_path: dict[PurePosixPath, Any] = {}
 
+    @abstractmethod
     def raw_members(self) -> Iterator[tuple[str, str, Any]]:
         """Yield (name, type, member) with type one of file, dir, symlink, hardlink, device."""
-        raise NotImplementedError
 
+    @abstractmethod
     def copy_member(self, member: Any, out: Path) -> None:
-        raise NotImplementedError
+        """Copy one file member's bytes to ``out``."""
 
     def validated_members(self) -> list[tuple[PurePosixPath, bool]]:
         members: list[tuple[PurePosixPath, bool]] = []
