@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lung_models.pretrained import PRETRAINED, keras_application
-from lung_models.registry import CT_SLICE, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
 
 CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
 
@@ -37,7 +37,7 @@ DATASET = DatasetSpec(
            "carve": {"val": 0.1, "test": 0.2}},
 )
 PREPROCESSING = {"kind": "rgb_image", "size": [224, 224], "scale": 1.0,
-                 "layout": "NHWC, RGB 0-255 (the model rescales)"}
+                 "layout": "NHWC, RGB 0-255 (the model rescales)", "ct_window": CT_SLICE_WINDOW}
 RECIPE = TrainingRecipe(
     # The write-up does not give epochs or callback settings; both submodels used the same ones.
     epochs=30, batch_size=32, loss="sparse_categorical_crossentropy", optimizer="adam", learning_rate=1e-3,

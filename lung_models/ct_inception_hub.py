@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from lung_models.pretrained import PRETRAINED, resolve_tfhub
-from lung_models.registry import CT_SLICE, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
 
 HANDLE = "https://www.kaggle.com/models/google/inception-v3/TensorFlow2/feature-vector/2"
 
@@ -28,7 +28,7 @@ SPEC = ModelSpec(
     class_names=("Cancerous", "Non-Cancerous"),
     output="logits",
     preprocessing={"kind": "rgb_image", "size": [299, 299], "scale": 1.0,
-                   "layout": "NHWC, RGB 0-255 (the model rescales and normalises)"},
+                   "layout": "NHWC, RGB 0-255 (the model rescales and normalises)", "ct_window": CT_SLICE_WINDOW},
     dataset=DatasetSpec(
         name="Lung CT-Scan images (Kaggle orvile/ct-scan-images)",
         layout={"Cancerous": "Cancerous", "Non-Cancerous": "Non-Cancerous"},

@@ -19,6 +19,12 @@ CT_SLICE = "ct_slice"
 CT_VOLUME = "ct_volume"
 MODALITIES = (HISTOLOGY_TILE, CT_SLICE, CT_VOLUME)
 
+# How a DICOM CT slice (in HU) becomes the 8-bit grey image the 2-D CT models were trained on. The
+# Kaggle PNGs are viewer exports; most show air black and soft tissue mid-grey, i.e. a window that
+# starts near -1000 HU and is about 2200 HU wide (so do most generated slices). Recorded in each
+# 2-D CT model's preprocessing, hence in its bundle.
+CT_SLICE_WINDOW = {"center": 100.0, "width": 2200.0}
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

@@ -1,16 +1,22 @@
-"""Score files with exported bundles on ONNX Runtime, in batches, one result row per (file, model).
+"""Score incoming files with exported bundles on ONNX Runtime, in batches, one result row per (item, model).
 
-Preprocessing is rebuilt from the bundle's card alone. A file that cannot be read or
-preprocessed becomes an ``error`` row with the reason, and scoring goes on.
+An *item* is what one report row is about: an image file (histology tile or CT slice, PNG/JPEG/
+TIFF or a DICOM slice), a NIfTI volume, or a DICOM series (the slices of one SeriesInstanceUID in
+one folder, assembled into a volume). Preprocessing is rebuilt from the bundle's card alone.
+
+Statuses: ``ok``; ``rejected`` (the input itself is bad: it would be bad again, so the ledger
+counts it as done); ``error`` (something outside the file's content failed: permissions, the
+model, the runtime; retried by the next run). A file still being written is *skipped*: no row,
+named in the run's log and summary, scored by a later run. Rows name files by their path relative
+to the input folder and their sha256, never by anything read from inside them (no patient data).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
+import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,21 +25,51 @@ import numpy as np
 
 from lung_models import preprocess
 from lung_models.bundle import ModelBundle
-from lung_models.data.datasets import reader_for
-from lung_models.data.readers import InputError, file_kind
+from lung_models.data import dicom
+from lung_models.data.readers import InputError, check_ct_intensities, file_kind, read_nifti_hu, read_rgb_image
 from lung_models.export import ort_session
-from lung_models.fileutil import atomic_write_text, sha256_file
+from lung_models.fileutil import sha256_bytes, sha256_file
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
 
 log = logging.getLogger(__name__)
 
-# Which kinds of incoming file each modality scores. An image whose kind cannot be told (it does
-# not even open) goes to every image model, so each reports the error on its row.
+OK, REJECTED, ERROR = "ok", "rejected", "error"
+# Which kinds of item each modality scores. An image whose kind cannot be told (it does not even
+# open) goes to every image model, so each reports the problem on its row.
 MODALITY_INPUTS = {HISTOLOGY_TILE: {HISTOLOGY_TILE, "image"}, CT_SLICE: {CT_SLICE, "image"},
                    CT_VOLUME: {CT_VOLUME}}
 VOLUME_BATCH = 2
-BASE_COLUMNS = ["relative_path", "file_sha256", "model", "model_version", "predicted_class",
-                "status", "error", "provider", "scored_utc"]
+DEFAULT_SETTLE_SECONDS = 60.0
+
+
+class FileChanged(RuntimeError):
+    """A file changed between discovery and reading (still being written): skip it this run."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # relative path of the file, or of the folder holding a DICOM series ("." for the input folder)
+    kind: str  # histology_tile | ct_slice | ct_volume | image (an image that does not open)
+    source: str  # image | nifti | dicom | dicom_series | refused
+    files: tuple[str, ...]  # relative paths of the files read to score it
+    sha256: str  # content hash: the file's, or for a series a hash over its slices' names and hashes
+    stats: tuple[tuple[int, int], ...] = ()  # (size, mtime_ns) of each file when it was hashed
+    series_uid_hash: str = ""
+    refusal: str = ""  # set when the item is refused without being read (symlink out of the folder...)
+    refusal_status: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Item:
+        return cls(**{**d, "files": tuple(d["files"]), "stats": tuple(tuple(s) for s in d["stats"])})
+
+
+@dataclass
+class Incoming:
+    items: list[Item] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
 
 
 @dataclass
@@ -42,82 +78,130 @@ class LoadedModel:
     session: Any
     provider: str
     input_name: str
+    onnx_sha256: str
 
 
 def open_model(bundle: ModelBundle) -> LoadedModel:
     """Verify the ONNX file against the bundle, open a session, note the provider that runs."""
-    bundle.verify()
+    onnx_sha = bundle.verify()
     session = ort_session(bundle.onnx_path)
     provider = session.get_providers()[0]
     log.info("%s %s runs on ONNX Runtime %s", bundle.name, bundle.version, provider)
-    return LoadedModel(bundle, session, provider, session.get_inputs()[0].name)
+    return LoadedModel(bundle, session, provider, session.get_inputs()[0].name, onnx_sha)
 
 
 def predict(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
     return model.session.run(None, {model.input_name: batch.astype(np.float32, copy=False)})[0]
 
 
-def discover(input_dir: Path) -> list[Path]:
-    """Scoreable files under ``input_dir`` (recursive, hidden files skipped), sorted."""
-    input_dir = Path(input_dir)
-    return sorted(
-        p for p in input_dir.rglob("*")
-        if p.is_file() and file_kind(p) is not None
-        and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
-    )
+# ------------------------------------------------------------------------------------------ discovery
+def _stat_key(st: os.stat_result) -> tuple[int, int]:
+    return (int(st.st_size), int(st.st_mtime_ns))
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
 
 
-def score_files(model: LoadedModel, files: Iterable[Path], root: Path, hashes: dict[str, str],
-                batch_size: int = 8) -> Iterator[dict[str, Any]]:
-    """Yield one row per file; files are read and preprocessed one at a time and run in batches,
-    so memory stays bounded by the batch size."""
-    bundle = model.bundle
-    params = bundle.preprocessing
-    read = reader_for(params)
-    if params["kind"] == "ct_volume":  # a batch of 3-D volumes costs gigabytes: keep it small
-        batch_size = min(batch_size, VOLUME_BATCH)
-    classes = bundle.class_names
-    pending: list[tuple[Path, np.ndarray]] = []
+def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | None = None) -> Incoming:
+    """Every scoreable item under ``input_dir`` (recursive; hidden files and folders skipped).
 
-    def row(path: Path, **values: Any) -> dict[str, Any]:
-        return result_row(bundle, path, root, hashes, provider=model.provider, **values)
+    Image suffixes, NIfTI suffixes, ``.dcm`` and extensionless files with a DICOM preamble are
+    considered; anything else (notes, checksums) is ignored. A file modified less than
+    ``settle_seconds`` ago, or that changes while it is hashed, is still arriving: skipped this run.
+    A symbolic link is followed only if it stays inside the folder.
+    """
+    root = Path(input_dir)
+    real_root = root.resolve()
+    now = datetime.now(timezone.utc).timestamp() if now is None else now
+    found = Incoming()
+    dicom_files: list[tuple[Path, str, tuple[int, int]]] = []  # (path, sha, stat) of readable DICOM files
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in list(dirnames):
+            if (folder / d).is_symlink():  # os.walk does not descend into it; say so
+                dirnames.remove(d)
+                found.skipped.append(((folder / d).relative_to(root).as_posix(),
+                                      "symbolic link to a folder: not followed; copy the files into the input folder"))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = folder / name
+            rel = path.relative_to(root).as_posix()
+            by_name = file_kind(path)
+            is_dcm = by_name is None and dicom.is_dicom_file(path)
+            if by_name is None and not is_dcm:
+                continue
+            kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else "image"
+            source = "nifti" if by_name == "volume" else "dicom" if is_dcm else "image"
+            if path.is_symlink():
+                target = path.resolve()
+                if not _inside(target, real_root):
+                    # Never read what lies outside; the link's own text identifies it (a changed link rescores).
+                    link_sha = sha256_bytes(f"symlink -> {os.readlink(path)}".encode())
+                    found.items.append(Item(rel, kind, "refused", (rel,), link_sha, refusal_status=REJECTED, refusal=(
+                        f"{name}: symbolic link to {'a missing file' if not target.exists() else 'a file'} outside "
+                        "the input folder, refused; copy the file into the folder instead of linking it")))
+                    continue
+            try:
+                before = path.stat()
+            except OSError as exc:
+                found.items.append(Item(rel, kind, "refused", (rel,), "", refusal_status=REJECTED if isinstance(
+                    exc, FileNotFoundError) else ERROR, refusal=f"{name}: cannot be opened ({exc.strerror}); "
+                    "check the file and its permissions"))
+                continue
+            if settle_seconds and now - before.st_mtime < settle_seconds:
+                found.skipped.append((rel, f"modified {now - before.st_mtime:.0f} s ago (under {settle_seconds:.0f} s):"
+                                           " may still be arriving; a later run scores it"))
+                continue
+            try:
+                sha = sha256_file(path)
+            except OSError as exc:
+                found.items.append(Item(rel, kind, "refused", (rel,), "", refusal_status=ERROR, refusal=(
+                    f"{name}: cannot be read ({exc.strerror}); give the scoring user read access to it")))
+                continue
+            stat = _stat_key(before)
+            try:
+                changed = _stat_key(path.stat()) != stat
+            except OSError:
+                changed = True
+            if changed:
+                found.skipped.append((rel, "changed while being read: still being written; a later run scores it"))
+                continue
+            if source == "image":
+                kind = input_kind(path)
+            elif source == "dicom":
+                dicom_files.append((path, sha, stat))
+            found.items.append(Item(rel, kind, source, (rel,), sha, (stat,)))
+    found.items.extend(_series_items(root, dicom_files))
+    found.items.sort(key=lambda i: (i.key, i.series_uid_hash))
+    return found
 
-    def flush() -> Iterator[dict[str, Any]]:
-        paths = [p for p, _ in pending]
-        try:
-            probs = predict(model, np.stack([x for _, x in pending]))
-        except Exception as exc:  # a runtime failure fails this batch's rows, not the night
-            for path in paths:
-                yield row(path, status="error", error=f"inference failed: {type(exc).__name__}: {exc}")
-        else:
-            for path, p in zip(paths, probs):
-                yield row(path, status="ok", predicted_class=classes[int(np.argmax(p))],
-                          **{f"prob_{c}": float(v) for c, v in zip(classes, p)})
-        pending.clear()
 
-    for path in files:
-        try:
-            pending.append((path, preprocess.model_input(read(path), params)))
-        except InputError as exc:
-            yield row(path, status="error", error=str(exc))
-        except Exception as exc:  # noqa: BLE001 - one unreadable file must never end the night
-            yield row(path, status="error", error=f"{path.name}: cannot be read or preprocessed "
-                      f"({type(exc).__name__}: {exc}); check the file")
-        if len(pending) >= batch_size:
-            yield from flush()
-    if pending:
-        yield from flush()
+def _series_items(root: Path, dicom_files: list[tuple[Path, str, tuple[int, int]]]) -> list[Item]:
+    """One ct_volume item per DICOM series of two or more slices (one slice alone is only a slice)."""
+    known = {p: (sha, stat) for p, sha, stat in dicom_files}
+    series, _unreadable = dicom.group_series(known)  # unreadable headers: their slice rows say why
+    items = []
+    for s in series:
+        if len(s.files) < 2:
+            continue
+        rels = tuple(f.relative_to(root).as_posix() for f in s.files)
+        digest = sha256_bytes("\n".join(f"{r} {known[f][0]}" for r, f in zip(rels, s.files)).encode())
+        key = s.folder.relative_to(root).as_posix()
+        items.append(Item(key, CT_VOLUME, "dicom_series", rels, digest, tuple(known[f][1] for f in s.files),
+                          series_uid_hash=s.uid_hash))
+    return items
 
 
 def input_kind(path: Path) -> str:
-    """``ct_volume``, ``ct_slice`` (grey image), ``histology_tile`` (colour image) or ``image``
-    (an image that does not open: its error is reported by the models that would score it)."""
-    if file_kind(path) == "volume":
-        return CT_VOLUME
+    """``ct_slice`` (grey image), ``histology_tile`` (colour image) or ``image`` (an image that does
+    not open: its error is reported by the models that would score it)."""
     from PIL import Image
 
     try:
@@ -133,47 +217,123 @@ def input_kind(path: Path) -> str:
     return CT_SLICE if spread < 2.0 else HISTOLOGY_TILE
 
 
-def files_for(bundle: ModelBundle, files: list[Path], kinds: dict[str, str], root: Path) -> list[Path]:
+def items_for(bundle: ModelBundle, items: Iterable[Item]) -> list[Item]:
     wanted = MODALITY_INPUTS[bundle.modality]
-    return [f for f in files if kinds.get(f.relative_to(root).as_posix()) in wanted]
+    return [i for i in items if i.kind in wanted]
 
 
-def result_row(bundle: ModelBundle, path: Path, root: Path, hashes: dict[str, str], **values: Any) -> dict[str, Any]:
-    """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
-    rel = path.relative_to(root).as_posix()
-    return {"relative_path": rel, "file_sha256": hashes.get(rel, ""), "model": bundle.name,
-            "model_version": bundle.version, "provider": "", "scored_utc": _now(),
-            "predicted_class": "", "error": "", **values}
-
-
-def refused_rows(bundle: ModelBundle, files: Iterable[Path], root: Path, hashes: dict[str, str],
-                 reason: str) -> list[dict[str, Any]]:
-    """Rows for files a model could not score at all (its bundle was refused), so the report
-    still lists every (file, model) pair and says why."""
-    return [result_row(bundle, path, root, hashes, status="error", error=reason) for path in files]
-
-
-def hash_files(files: list[Path], root: Path) -> dict[str, str]:
-    hashes = {}
-    for f in files:
+# -------------------------------------------------------------------------------------------- reading
+def _check_unchanged(item: Item, root: Path) -> None:
+    for rel, stat in zip(item.files, item.stats):
         try:
-            hashes[f.relative_to(root).as_posix()] = sha256_file(f)
-        except OSError:  # unreadable: the reader will report it on its row
-            hashes[f.relative_to(root).as_posix()] = ""
-    return hashes
+            now = _stat_key((root / rel).stat())
+        except OSError:
+            now = None
+        if now != tuple(stat):
+            raise FileChanged(f"{rel}: changed or removed since it was hashed; a later run scores it")
 
 
-def report_columns(rows: list[dict[str, Any]]) -> list[str]:
-    prob_cols: list[str] = []
-    for r in rows:
-        prob_cols.extend(k for k in r if k.startswith("prob_") and k not in prob_cols)
-    return BASE_COLUMNS[:5] + prob_cols + BASE_COLUMNS[5:]
+def load_input(item: Item, root: Path, params: dict[str, Any]) -> np.ndarray:
+    """Decode and preprocess one item for a model whose card holds ``params``."""
+    path = root / item.files[0]
+    if item.source == "image":
+        data = read_rgb_image(path)
+    elif item.source == "nifti":
+        volume, _ = read_nifti_hu(path)
+        data = check_ct_intensities(path, volume)
+    elif item.source == "dicom":
+        window = params.get("ct_window")
+        if not window:
+            raise BundleInputError(f"{path.name}: this model's bundle records no ct_window, so DICOM slices cannot be "
+                                   "windowed like its training images; re-export the model with this version")
+        data = dicom.slice_to_rgb(path, float(window["center"]), float(window["width"]))
+    elif item.source == "dicom_series":
+        series = dicom.DicomSeries(folder=path.parent, series_uid="", uid_hash=item.series_uid_hash,
+                                   files=tuple(root / f for f in item.files))
+        volume, _, _ = dicom.read_series_hu(series)
+        data = check_ct_intensities(path.parent, volume)
+    else:
+        raise ValueError(f"unknown item source {item.source!r}")
+    _check_unchanged(item, root)  # the bytes decoded are the bytes hashed
+    return preprocess.model_input(data, params)
 
 
-def write_report(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One CSV, written atomically: readers see the old file or the whole new one."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=report_columns(rows), extrasaction="raise", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+class BundleInputError(RuntimeError):
+    """The bundle cannot take this kind of input (an error of the model, not of the file)."""
+
+
+# -------------------------------------------------------------------------------------------- scoring
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def result_row(model: LoadedModel | ModelBundle, item: Item, **values: Any) -> dict[str, Any]:
+    """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
+    bundle = model.bundle if isinstance(model, LoadedModel) else model
+    return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
+            "model_version": bundle.version, "bundle_sha256": bundle.card["onnx_sha256"],
+            "item_kind": item.source, "series_uid_hash": item.series_uid_hash,
+            "provider": model.provider if isinstance(model, LoadedModel) else "",
+            "scored_utc": _now(), "predicted_class": "", "error": "", **values}
+
+
+def refused_rows(bundle: ModelBundle, items: Iterable[Item], reason: str) -> list[dict[str, Any]]:
+    """Rows for items a model could not score at all (its bundle was refused): the report still
+    lists every (item, model) pair and says why; ``error``, so the next run tries again."""
+    return [result_row(bundle, item, status=ERROR, error=reason) for item in items]
+
+
+def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_size: int = 8,
+                skipped: list[tuple[str, str]] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Yield the rows of each batch (so a caller can commit them batch by batch). Items are read
+    and preprocessed one at a time and run in batches, so memory is bounded by the batch size."""
+    bundle = model.bundle
+    params = bundle.preprocessing
+    if params["kind"] == "ct_volume":  # a batch of 3-D volumes costs gigabytes: keep it small
+        batch_size = min(batch_size, VOLUME_BATCH)
+    classes = bundle.class_names
+    pending: list[tuple[Item, np.ndarray]] = []
+    out: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        try:
+            probs = predict(model, np.stack([x for _, x in pending]))
+        except Exception as exc:  # noqa: BLE001 - a runtime failure fails this batch's rows, not the night
+            out.extend(result_row(model, item, status=ERROR, error=f"{Path(item.key).name}: inference failed "
+                                  f"({type(exc).__name__}: {exc}); check the model and the runtime")
+                       for item, _ in pending)
+        else:
+            for (item, _), p in zip(pending, probs):
+                out.append(result_row(model, item, status=OK, predicted_class=classes[int(np.argmax(p))],
+                                      **{f"prob_{c}": float(v) for c, v in zip(classes, p)}))
+        pending.clear()
+
+    for item in items:
+        if item.refusal:
+            out.append(result_row(model, item, status=item.refusal_status, error=item.refusal))
+        else:
+            try:
+                pending.append((item, load_input(item, root, params)))
+            except FileChanged as exc:
+                log.warning("skipped: %s", exc)
+                if skipped is not None:
+                    skipped.append((item.key, str(exc)))
+            except InputError as exc:
+                out.append(result_row(model, item, status=REJECTED, error=str(exc)))
+            except (BundleInputError, OSError) as exc:  # permissions, I/O, the bundle: retried next run
+                out.append(result_row(model, item, status=ERROR, error=str(exc) if isinstance(
+                    exc, BundleInputError) else f"{Path(item.key).name}: cannot be read ({exc}); check the file "
+                    "system and permissions"))
+            except Exception as exc:  # noqa: BLE001 - one undecodable file must never end the night
+                out.append(result_row(model, item, status=REJECTED, error=(
+                    f"{Path(item.key).name}: cannot be decoded or preprocessed ({type(exc).__name__}: {exc}); "
+                    "re-export or re-transfer the file")))
+        if len(pending) >= batch_size:
+            flush()
+        if len(out) >= batch_size:
+            yield list(out)
+            out.clear()
+    if pending:
+        flush()
+    if out:
+        yield list(out)

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from lung_models import registry
+from lung_models.data import phantoms
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -28,3 +31,54 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# Small inputs per model (architectures are the documented ones; only the input size shrinks).
+# The 3D CNN needs at least 46 voxels a side for its four conv/pool blocks, InceptionV3 75 pixels.
+TEST_INPUT = {"lc25000-cnn": [64, 64, 3], "mosmed-3dcnn": [48, 48, 48, 1],
+              "chest-resnet50": [64, 64, 3], "chest-cnn": [64, 64, 3], "chest-ensemble": [64, 64, 3],
+              "chest-chained": [64, 64, 3], "ct-inception-hub": [64, 64, 3],
+              "lc25000-inception-mixed7": [80, 80, 3]}
+# Every data set, small, under one folder: the local source finds each layout below it.
+TEST_DATA = {"lc25000": ({"size": 96, "classes": ["lung_n", "lung_aca", "lung_scc"]}, 16),
+             "mosmed": ({"in_plane": 64, "slices": (30, 36)}, 10),
+             "chest_ct": ({"size": 96}, 16),
+             "ct_cancer": ({"size": 96}, 16)}
+
+
+def make_tiny_hub_module(path: Path) -> Path:
+    """A SavedModel with the TF-Hub image feature-vector signature (float images in [0, 1] of any
+    size → a feature vector), small enough to fine-tune in a test."""
+    import tensorflow as tf
+
+    class TinyFeatureVector(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, 16], seed=[1, 2]) * 0.2, name="conv/kernel")
+            self.bias = tf.Variable(tf.zeros([16]), name="conv/bias")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            y = tf.nn.relu(tf.nn.conv2d(images, self.kernel, 2, "SAME") + self.bias)
+            return tf.reduce_mean(y, axis=[1, 2])
+
+    module = TinyFeatureVector()
+    tf.saved_model.save(module, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def factory(prefect_harness, tmp_path_factory):
+    """Train and export every registered model once for the whole session (two epochs, small)."""
+    from flows.train import train_models
+
+    root = tmp_path_factory.mktemp("factory")
+    for kind, (params, n) in TEST_DATA.items():
+        phantoms.write_dataset(kind, root / "data" / kind, n, seed=7, **params)
+    hub = make_tiny_hub_module(root / "tiny-hub-module")
+    weights = {name: "random" for name in registry.names() if registry.get(name).spec.pretrained}
+    weights["ct-inception-hub"] = str(hub)
+    bundles = train_models(models=registry.names(), profile="full", source="local", data_dir=str(root / "data"),
+                           exports_dir=str(root / "exports"), work_dir=str(root / "work"),
+                           epochs=2, batch_size=4, input_shape=TEST_INPUT, weights=weights)
+    return {"root": root, "exports": root / "exports", "bundles": bundles, "hub": hub}

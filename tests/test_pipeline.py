@@ -14,65 +14,16 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from conftest import TEST_INPUT
 
 from lung_models import registry
 from lung_models.bundle import LATEST, BundleError, latest_bundles, load_bundle
 from lung_models.data import datasets, phantoms
 from lung_models.fileutil import sha256_file
 
-# Small inputs per model (architectures are the documented ones; only the input size shrinks).
-# The 3D CNN needs at least 46 voxels a side for its four conv/pool blocks, InceptionV3 75 pixels.
-TEST_INPUT = {"lc25000-cnn": [64, 64, 3], "mosmed-3dcnn": [48, 48, 48, 1],
-              "chest-resnet50": [64, 64, 3], "chest-cnn": [64, 64, 3], "chest-ensemble": [64, 64, 3],
-              "chest-chained": [64, 64, 3], "ct-inception-hub": [64, 64, 3],
-              "lc25000-inception-mixed7": [80, 80, 3]}
-# Every data set, small, under one folder: the local source finds each layout below it.
-TEST_DATA = {"lc25000": ({"size": 96, "classes": ["lung_n", "lung_aca", "lung_scc"]}, 16),
-             "mosmed": ({"in_plane": 64, "slices": (30, 36)}, 10),
-             "chest_ct": ({"size": 96}, 16),
-             "ct_cancer": ({"size": 96}, 16)}
-
 
 def test_every_registered_model_has_test_settings():
     assert set(TEST_INPUT) == set(registry.names())
-
-
-def make_tiny_hub_module(path: Path) -> Path:
-    """A SavedModel with the TF-Hub image feature-vector signature (float images in [0, 1] of any
-    size → a feature vector), small enough to fine-tune in a test."""
-    import tensorflow as tf
-
-    class TinyFeatureVector(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, 16], seed=[1, 2]) * 0.2, name="conv/kernel")
-            self.bias = tf.Variable(tf.zeros([16]), name="conv/bias")
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-        def __call__(self, images):
-            y = tf.nn.relu(tf.nn.conv2d(images, self.kernel, 2, "SAME") + self.bias)
-            return tf.reduce_mean(y, axis=[1, 2])
-
-    module = TinyFeatureVector()
-    tf.saved_model.save(module, str(path))
-    return path
-
-
-@pytest.fixture(scope="session")
-def factory(prefect_harness, tmp_path_factory):
-    """Train and export every registered model once for the whole session (two epochs, small)."""
-    from flows.train import train_models
-
-    root = tmp_path_factory.mktemp("factory")
-    for kind, (params, n) in TEST_DATA.items():
-        phantoms.write_dataset(kind, root / "data" / kind, n, seed=7, **params)
-    hub = make_tiny_hub_module(root / "tiny-hub-module")
-    weights = {name: "random" for name in registry.names() if registry.get(name).spec.pretrained}
-    weights["ct-inception-hub"] = str(hub)
-    bundles = train_models(models=registry.names(), profile="full", source="local", data_dir=str(root / "data"),
-                           exports_dir=str(root / "exports"), work_dir=str(root / "work"),
-                           epochs=2, batch_size=4, input_shape=TEST_INPUT, weights=weights)
-    return {"root": root, "exports": root / "exports", "bundles": bundles, "hub": hub}
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -235,10 +186,10 @@ def make_incoming(folder: Path, shared: Path | None) -> dict[str, tuple[str, str
     vol = next(folder.rglob("*.nii.gz")).read_bytes()
     for name, data in CORRUPT.items():
         (bad / name).write_bytes(vol[: len(vol) // 3] if data is None else data)
-        expected[f"bad/{name}"] = ("ct_volume" if ".nii" in name else "image", "error")
+        expected[f"bad/{name}"] = ("ct_volume" if ".nii" in name else "image", "rejected")
     (bad / "cut.png").write_bytes(tile.read_bytes()[:200])
     (bad / "cut.jpg").write_bytes(jpg_bytes[: len(jpg_bytes) // 4])
-    expected["bad/cut.png"] = expected["bad/cut.jpg"] = ("image", "error")
+    expected["bad/cut.png"] = expected["bad/cut.jpg"] = ("image", "rejected")
     if shared is not None:
         real = folder / "real"
         real.mkdir()
@@ -263,7 +214,8 @@ def models_for(kind: str) -> set[str]:
 def _score(factory, folder: Path, out: Path) -> pd.DataFrame:
     from flows.score import score_folder
 
-    csv = score_folder(input_dir=str(folder), output_dir=str(out), exports_dir=str(factory["exports"]))
+    csv = score_folder(input_dir=str(folder), output_dir=str(out), exports_dir=str(factory["exports"]),
+                       settle_seconds=0)
     assert Path(csv).parent == out and not list(out.glob(".*.tmp"))
     return pd.read_csv(csv, keep_default_na=False)
 
@@ -281,9 +233,8 @@ def check_report(df: pd.DataFrame, expected: dict[str, tuple[str, str]], factory
         else:
             assert Path(row.relative_path).name in row.error and row.predicted_class == ""
         assert row.provider == "CPUExecutionProvider"
-        assert row.model_version == bundle.version
-        if row.relative_path != "bad/empty.png":
-            assert row.file_sha256 == sha256_file(folder / row.relative_path)
+        assert row.model_version == bundle.version and row.bundle_sha256 == bundle.card["onnx_sha256"]
+        assert row.file_sha256 == sha256_file(folder / row.relative_path)
 
 
 def test_score_flow_scores_good_files_and_reports_bad_ones(factory, tmp_path, shared_data):
@@ -327,13 +278,14 @@ def test_score_flow_survives_a_broken_graph_a_dangling_latest_and_a_huge_image(f
     folder.mkdir()
     Image.fromarray(phantoms.ct_slice("normal", np.random.default_rng(1), size=128)).save(folder / "slice.png")
     Image.new("L", (20000, 10000)).save(folder / "huge.png")  # > PIL's decompression-bomb limit
-    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports))
+    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports),
+                       settle_seconds=0)
     df = pd.read_csv(csv, keep_default_na=False)
     assert "chest-chained" not in set(df.model)  # skipped with a logged error, not a crash
     cnn = df[df.model == "chest-cnn"]
     assert set(cnn.status) == {"error"} and all("model refused" in e for e in cnn.error)
     huge = df[(df.relative_path == "huge.png") & (df.model != "chest-cnn")]
-    assert len(huge) > 0 and set(huge.status) == {"error"} and all("huge.png" in e for e in huge.error)
+    assert len(huge) > 0 and set(huge.status) == {"rejected"} and all("huge.png" in e for e in huge.error)
     ok = df[(df.relative_path == "slice.png") & (df.model != "chest-cnn")]
     assert len(ok) == 3 and set(ok.status) == {"ok"}  # resnet50, ensemble, ct-inception-hub
 
@@ -348,7 +300,8 @@ def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(fac
     folder = tmp_path / "incoming"
     phantoms.write_incoming(folder, seed=9, n_tiles=2, n_volumes=1, corrupt=False, tile_size=256,
                             in_plane=64, slices=30)
-    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports))
+    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports),
+                       settle_seconds=0)
     df = pd.read_csv(csv, keep_default_na=False)
     vol = df[df.model == "mosmed-3dcnn"]
     assert len(vol) == 1 and vol.status.iloc[0] == "error" and "does not match" in vol.error.iloc[0]

@@ -1502,12 +1502,13 @@ def write_dataset(kind: str, root: Path, n_per_class: int, seed: int, **params: 
 
 def write_incoming(root: Path, seed: int, n_tiles: int = 4, n_volumes: int = 2, corrupt: bool = True, *,
                    tile_size: int = 768, in_plane: int = 256, slices: int = 48, n_slices: int = 0,
-                   slice_size: int = 512) -> list[Path]:
+                   slice_size: int = 512, n_dicom_series: int = 0) -> list[Path]:
     """A folder of newly arrived files for the scoring demo; returns the paths written.
 
     Tiles of random classes alternate between PNG and JPEG (``slide_001.png``, ``slide_002.jpg``,
     ...); volumes go to ``ct/scan_001.nii.gz``, ...; chest CT slices (``n_slices``) to
-    ``ct-slices/slice_001.png``, ... Names carry no label, since scoring must not
+    ``ct-slices/slice_001.png``, ...; DICOM series (``n_dicom_series``, volumes like the NIfTI ones,
+    as uncompressed CT slices) to ``dicom/series_001/IM000001.dcm``, ... Names carry no label, since scoring must not
     see one. With ``corrupt`` a truncated ``ct/broken_scan.nii.gz`` is added: its header still
     parses but its data ends early, the way an interrupted transfer looks.
     """
@@ -1528,6 +1529,14 @@ def write_incoming(root: Path, seed: int, n_tiles: int = 4, n_volumes: int = 2, 
         cls = CHEST_CLASSES[int(pick.integers(len(CHEST_CLASSES)))]
         image = ct_slice(cls, np.random.default_rng([int(seed), 4, i]), slice_size)
         written.append(atomic_write_bytes(root / "ct-slices" / f"slice_{i + 1:03d}.png", _png_bytes(image)))
+    if n_dicom_series:
+        from lung_models.data.dicom import write_series
+
+    for i in range(n_dicom_series):
+        cls = MOSMED_CLASSES[int(pick.integers(len(MOSMED_CLASSES)))]
+        volume, affine = ct_volume(cls, np.random.default_rng([int(seed), 5, i]), in_plane, slices)
+        spacing = tuple(float(v) for v in np.abs(np.diag(affine)[:3]))
+        written.extend(write_series(volume, spacing, root / "dicom" / f"series_{i + 1:03d}"))
     if corrupt:
         volume, affine = ct_volume("normal", np.random.default_rng([int(seed), 3]), 64, 16)
         data = _nifti_gz_bytes(volume, affine)

@@ -15,6 +15,12 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
 # A volume larger than this (in voxels) is refused from its header, before any allocation.
 MAX_VOLUME_VOXELS = 1024 * 1024 * 1024 // 4  # 256 Mi voxels = 1 GiB as float32
+# Smaller than this on either side cannot be a CT slice or a histology tile (icons, thumbnails).
+MIN_IMAGE_SIDE = 32
+# Every chest CT has air (about -1000 HU) in it; a volume whose darkest voxel is above this is not
+# in Hounsfield units (MR, PET, an 8-bit export or a scaled copy).
+CT_MAX_DARKEST_HU = -500.0
+CT_MAX_BRIGHTEST_HU = 40000.0
 
 
 class InputError(ValueError):
@@ -50,7 +56,12 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
                 arr = np.asarray(img, dtype=np.float32)
                 span = float(arr.max() - arr.min()) or 1.0
                 return np.repeat(((arr - arr.min()) / span * 255).astype(np.uint8)[..., None], 3, axis=2)
+            if min(img.size) < MIN_IMAGE_SIDE:
+                raise InputError(path, f"image of {img.size[0]}x{img.size[1]} pixels is too small to be a scan or "
+                                 f"a tile (under {MIN_IMAGE_SIDE} pixels a side)", "send the full-resolution image")
             return np.asarray(img.convert("RGB"))
+    except InputError:
+        raise
     except UnidentifiedImageError:
         raise InputError(path, "not a readable image (unknown or corrupt format)",
                          "check the file is a PNG/JPEG/TIFF and re-transfer it") from None
@@ -76,7 +87,8 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
     except Exception as exc:  # nibabel raises many types for bad headers
-        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})",
+        detail = str(exc).replace(str(path), path.name)  # no folder names above the input folder in reports
+        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {detail})",
                          "re-export the volume as .nii/.nii.gz") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -89,9 +101,10 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
                          "check the header, or crop/resample the volume before scoring")
     if min(shape) < 8:
         raise InputError(path, f"volume {shape} is too small to be a CT scan", "check the export")
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    spacing = _stored_spacing(path, img)
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise InputError(path, f"invalid voxel spacing {spacing}", "fix pixdim in the NIfTI header")
+        raise InputError(path, f"invalid voxel spacing {spacing} mm (zero, negative or not a number)",
+                         "fix pixdim in the NIfTI header (re-export the volume with its real voxel size)")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as exc:
@@ -100,3 +113,27 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     if not np.isfinite(data).all():
         raise InputError(path, "volume contains NaN or infinite voxels", "re-export the volume")
     return data, spacing
+
+
+def check_ct_intensities(path: str | Path, volume: np.ndarray) -> np.ndarray:
+    """Refuse a volume whose values are not CT Hounsfield units; returns it unchanged otherwise."""
+    lo, hi = float(volume.min()), float(volume.max())
+    if lo > CT_MAX_DARKEST_HU or hi > CT_MAX_BRIGHTEST_HU:
+        raise InputError(path, f"values {lo:.0f}..{hi:.0f} are not CT Hounsfield units (a chest CT has air near "
+                         f"-1000 HU; the darkest value here is {lo:.0f})",
+                         "send the CT in HU (apply the rescale slope/intercept; not an MR or 8-bit export)")
+    return volume
+
+
+def _stored_spacing(path: Path, img) -> tuple[float, ...]:
+    """Voxel spacing as written in the file. nibabel's loader silently replaces zero pixdims by 1
+    and negative ones by their absolute value; a scanner export with such a header is broken, and
+    guessing its geometry would score a distorted volume, so the raw header is read again."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            raw = type(img.header).from_fileobj(handle, check=False)
+        return tuple(float(z) for z in raw["pixdim"][1:4])
+    except Exception:  # noqa: BLE001 - the header already parsed once: fall back to what nibabel made of it
+        return tuple(float(z) for z in img.header.get_zooms()[:3])

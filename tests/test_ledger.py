@@ -1,0 +1,471 @@
+"""The exactly-once scoring ledger: done keys, night/cumulative CSVs, crash recovery, atomic writes, the lock."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lung_models import ledger as ledger_mod
+from lung_models.ledger import (
+    CUMULATIVE_NAME,
+    LEAD_COLUMNS,
+    LOCK_NAME,
+    TAIL_COLUMNS,
+    Ledger,
+    ScoringLockTimeout,
+    atomic_text_writer,
+    scoring_lock,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HIST = ["aca", "n", "scc"]
+CT = ["normal", "covid"]
+
+
+def row(path: str, sha: str | None = None, *, bundle: str = "b1", model: str = "hist", version: str = "1",
+        status: str = "ok", classes: list[str] = HIST, **extra) -> dict:
+    out = {"relative_path": path, "file_sha256": sha if sha is not None else f"sha-{path}", "model": model,
+           "model_version": version, "bundle_sha256": bundle, "status": status, "error": "",
+           "predicted_class": "", "provider": "CPUExecutionProvider", "scored_utc": "2026-01-01T00:00:00+00:00"}
+    if status == "ok":
+        out["predicted_class"] = classes[0]
+        out.update({f"prob_{c}": round(1.0 / (i + 2), 4) for i, c in enumerate(classes)})
+    elif status == "error":
+        out["error"] = "cannot read"
+    out.update(extra)
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh))
+
+
+def night_csvs(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("scores-*.csv") if p.name != CUMULATIVE_NAME)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "out") as led:
+        yield led
+
+
+# ------------------------------------------------------------------------------------- done/record
+def test_rerun_finds_items_done_and_changes_are_not(ledger):
+    items = [(f"a{i}.png", f"sha{i}") for i in range(5)]
+    assert ledger.done("b1", items) == set()
+    assert ledger.record("run1", [row(p, s) for p, s in items]) == 5
+    assert ledger.done("b1", items) == set(items)
+    assert ledger.done("b1", iter(items)) == set(items)  # any iterable
+    assert ledger.done("b1", [("a0.png", "changed")]) == set()  # changed content
+    assert ledger.done("b2", items) == set()  # new model version (bundle)
+    assert ledger.done("b1", [("a0.png", "sha0"), ("new.png", "x")]) == {("a0.png", "sha0")}
+
+
+def test_done_key_is_recorded_once(ledger):
+    assert ledger.record("run1", [row("a.png"), row("a.png")]) == 1  # duplicate within a batch
+    assert ledger.record("run2", [row("a.png"), row("b.png")]) == 1  # already done in the ledger
+    assert ledger.record("run2", [row("a.png", status="rejected")]) == 0  # done either way
+    assert ledger.record("run3", [row("a.png", bundle="b2")]) == 1  # same file, new model version
+    assert ledger.counts()["ok"] == 3
+
+
+def test_error_rows_are_retried_and_superseded(ledger):
+    assert ledger.record("run1", [row("a.png", status="error"), row("bad.png", status="rejected")]) == 2
+    assert ledger.done("b1", [("a.png", "sha-a.png"), ("bad.png", "sha-bad.png")]) == {("bad.png", "sha-bad.png")}
+    night1 = read_csv(ledger.publish("run1", "n1"))
+    assert [(r["relative_path"], r["status"]) for r in night1] == [("a.png", "error"), ("bad.png", "rejected")]
+    assert ledger.record("run2", [row("a.png", status="error")]) == 1  # retried, failed again
+    assert [r["status"] for r in read_csv(ledger.publish("run2", "n2"))] == ["error"]
+    assert ledger.record("run3", [row("a.png")]) == 1  # retried, scored
+    assert [r["status"] for r in read_csv(ledger.publish("run3", "n3"))] == ["ok"]
+    assert ledger.record("run4", [row("a.png", status="error")]) == 0  # an error for a done key is ignored
+    # the cumulative CSV shows each (path, model, bundle) once: the latest attempt
+    cumulative = read_csv(ledger.write_cumulative())
+    assert sorted((r["relative_path"], r["status"], r["run_id"]) for r in cumulative) == [
+        ("a.png", "ok", "run3"), ("bad.png", "rejected", "run1")]
+
+
+def test_killed_run_error_and_retry_are_not_both_published(ledger):
+    # run1 recorded an error then died before publishing; run2 retried it (error again) and another
+    # file errored with an empty hash (unreadable) before being read fine
+    ledger.record("run1", [row("a.png", status="error"), row("u.png", "", status="error")])
+    ledger.record("run2", [row("a.png", status="error"), row("u.png")])
+    night = read_csv(ledger.publish("run2", "n1"))
+    assert sorted((r["relative_path"], r["status"], r["run_id"]) for r in night) == [
+        ("a.png", "error", "run2"), ("u.png", "ok", "run2")]
+    assert ledger.counts()["superseded"] == 2
+
+
+def test_record_rejects_malformed_rows(ledger):
+    with pytest.raises(ValueError, match="lacks"):
+        ledger.record("r", [{"relative_path": "a.png"}])
+    with pytest.raises(ValueError, match="status"):
+        ledger.record("r", [row("a.png", status="maybe")])
+    with pytest.raises(ValueError, match="file_sha256"):
+        ledger.record("r", [row("a.png", "")])  # an ok row needs the content hash
+    assert ledger.record("r", []) == 0
+    assert ledger.counts().get("ok", 0) == 0  # nothing half-recorded
+
+
+def test_record_batch_is_one_transaction(ledger):
+    """A failure after part of a batch is inserted (as a kill -9 would be) leaves none of it."""
+
+    class FailingConnection:  # inserts 5 rows of the batch, then fails inside the transaction
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def executemany(self, sql, params):
+            def five_then_fail():
+                for k, p in enumerate(params):
+                    if k == 5:
+                        raise KeyboardInterrupt("killed")
+                    yield p
+            return self.real.executemany(sql, five_then_fail())
+
+    real = ledger._conn
+    ledger._conn = FailingConnection(real)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.record("run1", [row(f"a{i}.png") for i in range(10)])
+    ledger._conn = real
+    assert ledger.counts().get("ok", 0) == 0
+    assert ledger.record("run2", [row(f"a{i}.png") for i in range(10)]) == 10
+
+
+# ------------------------------------------------------------------------------------------ reports
+def test_publish_columns_cumulative_and_pandas(ledger):
+    out = ledger.output_dir
+    hist = [row(f"tiles/h{i}.jpeg", item_kind="histology_tile", zeta_note="z") for i in range(3)]
+    ct = [row(f"ct/c{i}.png", model="ct", bundle="b-ct", classes=CT, item_kind="ct_slice", alpha_extra=i)
+          for i in range(2)]
+    series = [row("dicom/series1", model="ct", bundle="b-ct", classes=CT, item_kind="dicom_series",
+                  series_uid_hash="abc123")]
+    assert ledger.record("run1", hist) == 3
+    assert ledger.record("run1", ct + series) == 3
+    night1 = ledger.publish("run1", "20260101")
+    assert night1 == out / "scores-20260101.csv"
+    expected = [*LEAD_COLUMNS, "prob_aca", "prob_n", "prob_scc", "prob_normal", "prob_covid", *TAIL_COLUMNS,
+                "alpha_extra", "zeta_note"]
+    assert header(night1) == expected
+    rows1 = read_csv(night1)
+    assert len(rows1) == 6 and {r["run_id"] for r in rows1} == {"run1"}
+
+    df = pd.read_csv(night1)
+    assert list(df.columns) == expected and len(df) == 6
+    hist_df = df[df["model"] == "hist"]
+    assert hist_df["prob_normal"].isna().all() and hist_df["prob_aca"].notna().all()
+    assert df[df["model"] == "ct"]["prob_scc"].isna().all()
+    assert df.loc[df["relative_path"] == "dicom/series1", "series_uid_hash"].item() == "abc123"
+    assert df.loc[df["relative_path"] == "tiles/h0.jpeg", "prob_aca"].item() == pytest.approx(0.5)
+
+    # nothing new: a header-only CSV; the same stamp gets a suffix
+    night2 = ledger.publish("run2", "20260101")
+    assert night2 == out / "scores-20260101-2.csv"
+    assert read_csv(night2) == [] and header(night2)[:5] == list(LEAD_COLUMNS)
+    assert len(pd.read_csv(night2)) == 0
+
+    # a third night with a new file: only that row
+    ledger.record("run3", [row("tiles/new.jpeg")])
+    night3 = ledger.publish("run3", "20260103")
+    assert [r["relative_path"] for r in read_csv(night3)] == ["tiles/new.jpeg"]
+    assert header(night3) == [*LEAD_COLUMNS, "prob_aca", "prob_n", "prob_scc", *TAIL_COLUMNS]
+
+    cumulative = ledger.write_cumulative()
+    assert cumulative == out / CUMULATIVE_NAME
+    assert header(cumulative) == expected
+    cum = read_csv(cumulative)
+    assert [r["relative_path"] for r in cum] == [r["relative_path"] for r in rows1] + ["tiles/new.jpeg"]
+    assert len(pd.read_csv(cumulative)) == 7
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_unpublished_rows_are_not_in_cumulative(ledger):
+    ledger.record("run1", [row("a.png")])
+    ledger.publish("run1", "n1")
+    ledger.record("run2", [row("b.png")])
+    assert [r["relative_path"] for r in read_csv(ledger.write_cumulative())] == ["a.png"]
+
+
+def test_publish_rejects_unsafe_stamps(ledger):
+    for stamp in ["../x", "a/b", "", "cumulative", " x"]:
+        with pytest.raises(ValueError):
+            ledger.publish("run", stamp)
+
+
+# ----------------------------------------------------------------------------------- crash recovery
+def test_crash_between_claim_and_csv_is_recovered(tmp_path):
+    out = tmp_path / "out"
+    with Ledger(out) as first:
+        first.record("run1", [row(f"a{i}.png") for i in range(4)])
+        name = first._claim("run1", "n1")  # ... and the process dies before writing the CSV
+    assert not (out / name).exists()
+
+    with Ledger(out) as second:  # the rerun: scores what is not done, then publishes
+        items = [(f"a{i}.png", f"sha-a{i}.png") for i in range(6)]
+        todo = [it for it in items if it not in second.done("b1", items)]
+        assert todo == items[4:]
+        second.record("run2", [row(p, s) for p, s in todo])
+        night2 = second.publish("run2", "n2")
+        second.write_cumulative()
+    recovered = read_csv(out / "scores-n1.csv")
+    assert [(r["relative_path"], r["run_id"]) for r in recovered] == [(f"a{i}.png", "run1") for i in range(4)]
+    assert [r["relative_path"] for r in read_csv(night2)] == ["a4.png", "a5.png"]
+    union = Counter(r["relative_path"] for p in night_csvs(out) for r in read_csv(p))
+    assert union == Counter({f"a{i}.png": 1 for i in range(6)})
+    assert Counter(r["relative_path"] for r in read_csv(out / CUMULATIVE_NAME)) == union
+
+
+def test_crash_after_csv_before_mark_is_rewritten(tmp_path):
+    out = tmp_path / "out"
+    with Ledger(out) as first:
+        first.record("run1", [row("a.png"), row("b.png")])
+        name = first._claim("run1", "n1")
+        (out / name).write_text("relative_path\nstale\n")  # whatever is there is replaced
+    with Ledger(out) as second:
+        night = second.publish("run2", "n2")
+    assert [r["relative_path"] for r in read_csv(out / name)] == ["a.png", "b.png"]
+    assert read_csv(night) == []
+
+
+def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
+    """A real kill -9 in the middle of a run (between batches), then a full rerun."""
+    out = tmp_path / "out"
+    script = textwrap.dedent("""
+        import sys, time
+        from lung_models.ledger import Ledger, scoring_lock
+        out, run = sys.argv[1], sys.argv[2]
+        items = [(f"f{i:03d}.png", f"sha{i}") for i in range(60)]
+        with scoring_lock(out, timeout=30, poll=0.05), Ledger(out) as led:
+            done = led.done("b1", items)
+            todo = [it for it in items if it not in done]
+            for start in range(0, len(todo), 10):
+                led.record(run, [{"relative_path": p, "file_sha256": s, "model": "m", "model_version": "1",
+                                  "bundle_sha256": "b1", "status": "ok", "prob_x": 0.5}
+                                  for p, s in todo[start:start + 10]])
+                print("batch", flush=True)
+                time.sleep(float(sys.argv[3]))
+            led.publish(run, "night")
+            led.write_cumulative()
+        print("finished", len(todo), flush=True)
+    """)
+    victim = subprocess.Popen([sys.executable, "-c", script, str(out), "run1", "0.3"], stdout=subprocess.PIPE,
+                              text=True, env=subprocess_env())
+    try:
+        for _ in range(2):
+            assert victim.stdout.readline().strip() == "batch"
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        victim.stdout.close()
+    done = subprocess.run([sys.executable, "-c", script, str(out), "run2", "0"],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    scored_again = int(done.stdout.split()[-1])
+    assert 0 < scored_again <= 40  # at least the two committed batches were not redone
+    union = Counter(r["relative_path"] for p in night_csvs(out) for r in read_csv(p))
+    assert union == Counter({f"f{i:03d}.png": 1 for i in range(60)})
+    assert Counter(r["relative_path"] for r in read_csv(out / CUMULATIVE_NAME)) == union
+
+
+# -------------------------------------------------------------------------------------- atomicity
+def test_atomic_text_writer_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "report.csv"
+    target.write_text("old,complete\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_text_writer(target) as fh:
+            fh.write("new,partial\n" * 1000)
+            raise RuntimeError("boom")
+    assert target.read_text() == "old,complete\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]
+    with atomic_text_writer(target) as fh:
+        fh.write("new\n")
+    assert target.read_text() == "new\n"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~ledger_mod._umask()  # not mkstemp's 0600
+
+
+def test_csv_never_observed_partial(ledger, monkeypatch):
+    out = ledger.output_dir
+    ledger.record("run1", [row(f"a{i}.png") for i in range(5)])
+    ledger.publish("run1", "n1")
+    cumulative = ledger.write_cumulative()
+    before = cumulative.read_bytes()
+
+    class DiskFull(csv.DictWriter):
+        def writerow(self, rowdict):
+            self.written = getattr(self, "written", 0) + 1
+            if self.written > 3:
+                raise OSError(28, "No space left on device")
+            return super().writerow(rowdict)
+
+    ledger.record("run2", [row(f"b{i}.png") for i in range(10)])
+    monkeypatch.setattr(ledger_mod.csv, "DictWriter", DiskFull)
+    with pytest.raises(OSError, match="No space"):
+        ledger.publish("run2", "n2")
+    assert not (out / "scores-n2.csv").exists()
+    with pytest.raises(OSError, match="No space"):
+        ledger.write_cumulative()
+    assert cumulative.read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+
+    night3 = ledger.publish("run3", "n3")  # recovers n2 first
+    assert [r["relative_path"] for r in read_csv(out / "scores-n2.csv")] == [f"b{i}.png" for i in range(10)]
+    assert read_csv(night3) == []
+    assert len(read_csv(ledger.write_cumulative())) == 15
+
+
+def test_publish_removes_temp_files_left_by_a_killed_writer(ledger):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = ledger.output_dir / f".scores-n1.csv.{int(gone.stdout)}.abc123.tmp"
+    live = ledger.output_dir / f".scores-n1.csv.{os.getpid()}.def456.tmp"  # a writer still at work
+    stale.write_text("relative_path\npartial")
+    live.write_text("relative_path\n")
+    ledger.publish("run1", "n1")
+    assert not stale.exists() and live.exists()
+
+
+# ------------------------------------------------------------------------------------------ scale
+def test_100k_rows_stream_through(tmp_path):
+    out = tmp_path / "out"
+    n, batch = 100_000, 1000
+    with Ledger(out) as led:
+        for start in range(0, n, batch):
+            rows = [{"relative_path": f"d{i // 1000}/f{i}.png", "file_sha256": f"{i:064x}", "model": "m",
+                     "model_version": "1", "bundle_sha256": "b1", "status": "ok", "predicted_class": "x",
+                     "prob_x": 0.75, "prob_y": 0.25} for i in range(start, start + batch)]
+            assert led.record("run1", rows) == batch
+        items = ((f"d{i // 1000}/f{i}.png", f"{i:064x}") for i in range(n))
+        assert len(led.done("b1", items)) == n
+        night = led.publish("run1", "big")
+        tracemalloc.start()
+        try:
+            cumulative = led.write_cumulative()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    for path in (night, cumulative):
+        with open(path, newline="") as fh:
+            assert sum(1 for _ in fh) == n + 1
+    assert peak < 16 * 2**20, f"write_cumulative peaked at {peak / 2**20:.1f} MiB: rows are not streamed"
+
+
+# ------------------------------------------------------------------------------------------- lock
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from lung_models.ledger import scoring_lock
+    with scoring_lock(sys.argv[1], timeout=10, label="flow-run holder"):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+TRY_LOCK = textwrap.dedent("""
+    import sys
+    from lung_models.ledger import ScoringLockTimeout, scoring_lock
+    try:
+        with scoring_lock(sys.argv[1], timeout=1, poll=0.1):
+            print("acquired")
+    except ScoringLockTimeout as exc:
+        print("TIMEOUT", exc)
+""")
+
+
+def test_lock_times_out_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    with scoring_lock(out, label="run-A") as lock_path:
+        assert lock_path == out / LOCK_NAME
+        assert f"pid={os.getpid()}" in lock_path.read_text()
+        result = subprocess.run([sys.executable, "-c", TRY_LOCK, str(out)], capture_output=True, text=True,
+                                timeout=60, env=subprocess_env())
+        assert result.returncode == 0, result.stderr
+        message = result.stdout
+        assert message.startswith("TIMEOUT another scoring run holds the lock")
+        assert f"pid {os.getpid()}" in message and str(lock_path) in message and "run-A" in message
+        assert "started 20" in message and "do not delete the lock file" in message
+    result = subprocess.run([sys.executable, "-c", TRY_LOCK, str(out)], capture_output=True, text=True,
+                            timeout=60, env=subprocess_env())
+    assert result.stdout.strip() == "acquired"
+
+
+def test_lock_is_free_at_once_after_holder_is_killed(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ScoringLockTimeout, match=f"pid {holder.pid}"):
+            with scoring_lock(out, timeout=0.3, poll=0.05):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    started = time.monotonic()
+    with scoring_lock(out, timeout=0):  # one attempt: the kernel released it with the process
+        pass
+    assert time.monotonic() - started < 1
+
+
+# ------------------------------------------------------------------------------------ concurrency
+CONCURRENT_RUN = textwrap.dedent("""
+    import sys, time
+    from contextlib import nullcontext
+    from lung_models.ledger import Ledger, scoring_lock
+    out, run, use_lock = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    items = [(f"scan_{i:03d}.png", f"sha{i}") for i in range(200)]
+    with Ledger(out) as led, (scoring_lock(out, timeout=60, poll=0.05) if use_lock else nullcontext()):
+        todo = [it for it in items if it not in led.done("b1", items)]
+        for start in range(0, len(todo), 25):
+            led.record(run, [{"relative_path": p, "file_sha256": s, "model": "m", "model_version": "1",
+                              "bundle_sha256": "b1", "status": "ok", "prob_x": 0.5}
+                             for p, s in todo[start:start + 25]])
+            time.sleep(0.01)
+        led.publish(run, "20260101")
+        if use_lock:
+            led.write_cumulative()
+    print(len(todo))
+""")
+
+
+@pytest.mark.parametrize("use_lock", [True, False], ids=["locked", "no-lock-still-exactly-once"])
+def test_two_concurrent_runs_neither_lose_nor_duplicate(tmp_path, use_lock):
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUN, str(out), f"run{k}", str(int(use_lock))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for k in (1, 2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr
+    scored = sorted(int(stdout) for stdout, _ in results)
+    if use_lock:
+        assert scored == [0, 200]  # the second run found everything done
+    nights = night_csvs(out)
+    assert [p.name for p in nights] == ["scores-20260101-2.csv", "scores-20260101.csv"]
+    union = Counter(r["relative_path"] for p in nights for r in read_csv(p))
+    assert len(union) == 200 and set(union.values()) == {1}
+    if not use_lock:  # unlocked, the two cumulative rewrites may finish in either order: redo it
+        with Ledger(out) as led:
+            led.write_cumulative()
+    assert Counter(r["relative_path"] for r in read_csv(out / CUMULATIVE_NAME)) == union

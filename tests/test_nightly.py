@@ -1,0 +1,491 @@
+"""Nightly scoring a hospital can trust: DICOM in, every bad input named, exactly-once reports,
+crash and concurrency safety, no patient identifiers in the outputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lung_models import registry, scoring
+from lung_models.bundle import load_bundle
+from lung_models.data import dicom, phantoms
+from lung_models.fileutil import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+PHI = ("Doe^Jane", "MRN12345", "19700101")
+HOUR_AGO = time.time() - 3600
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _nifti(path: Path, data: np.ndarray, zooms: tuple[float, ...]) -> Path:
+    """``data`` saved as NIfTI with voxel sizes ``zooms`` (one per axis)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag((list(zooms) + [1.0, 1.0])[:3])
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_zooms(tuple(zooms)[: data.ndim])
+    nib.save(img, str(path))
+    return path
+
+
+def _volume(seed: int, in_plane: int = 64, slices: int = 24) -> tuple[np.ndarray, tuple[float, float, float]]:
+    vol, affine = phantoms.ct_volume("normal", np.random.default_rng(seed), in_plane=in_plane, slices=slices)
+    return vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3]))
+
+
+def _series(folder: Path, seed: int, **kw) -> list[Path]:
+    """A generated CT volume written as a DICOM series carrying fake patient identifiers."""
+    import pydicom
+
+    vol, spacing = _volume(seed)
+    files = dicom.write_series(vol, spacing, folder, patient_name=PHI[0], patient_id=PHI[1], **kw)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientBirthDate = PHI[2]
+        ds.save_as(f)
+    return files
+
+
+def _dicom_copy(src: Path, dst: Path, **changes) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    for key, value in changes.items():
+        if key == "drop":
+            del ds[value]
+        elif key == "transfer_syntax":  # the raw pixels posing as a compressed frame
+            from pydicom.encaps import encapsulate
+
+            ds.PixelData = encapsulate([bytes(ds.PixelData)])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = value
+        else:
+            setattr(ds, key, value)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def _age_everything(folder: Path, when: float = HOUR_AGO) -> None:
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.utime(p, (when, when))
+
+
+# (relative path or series folder, expected status for its volume/image rows, words its error must contain)
+def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
+    """At least twenty kinds of bad input beside good ones; returns {item key: (status, a word of the reason)}."""
+    rng = np.random.default_rng(3)
+    good_slice = phantoms.ct_slice("normal", np.random.default_rng(1), size=128)
+    png = _png(root / "good" / "slice.png", good_slice)
+    _png(root / "good" / "tile.png", phantoms.histology_tile("lung_aca", np.random.default_rng(2), 128))
+    jpg = root / "good" / "tile.jpg"
+    Image.fromarray(phantoms.histology_tile("lung_n", np.random.default_rng(4), 128)).save(jpg, quality=90)
+    vol, spacing = _volume(5)
+    _nifti(root / "good" / "scan.nii.gz", vol.astype(np.int16), spacing)
+    good_series = _series(root / "good" / "series", 6)
+    expected: dict[str, tuple[str, str]] = {
+        "good/slice.png": ("ok", ""), "good/tile.png": ("ok", ""), "good/tile.jpg": ("ok", ""),
+        "good/scan.nii.gz": ("ok", ""), "good/series": ("ok", ""),
+        **{p.relative_to(root).as_posix(): ("ok", "") for p in good_series},
+    }
+    bad = root / "bad"
+    bad.mkdir()
+
+    def put(name: str, data: bytes, status: str = "rejected", word: str = "") -> None:
+        (bad / name).write_bytes(data)
+        expected[f"bad/{name}"] = (status, word)
+
+    put("zero.png", b"", word="empty")
+    put("truncated.png", png.read_bytes()[: png.stat().st_size // 2])
+    put("truncated.jpg", jpg.read_bytes()[: jpg.stat().st_size // 3])
+    put("text.png", b"Patient list, not an image\n" * 10, word="not a readable image")
+    put("garbage.dcm", rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    put("garbage.nii", b"\x00\x01garbage" * 40)
+    scan = (root / "good" / "scan.nii.gz").read_bytes()
+    put("truncated.nii.gz", scan[: len(scan) // 3])
+    _png(bad / "icon.png", good_slice[:16, :16])
+    expected["bad/icon.png"] = ("rejected", "too small")
+    # DICOM slices that are broken in their content.
+    src = good_series[0]
+    from pydicom.uid import generate_uid
+
+    # (each its own series: copies sharing one SeriesInstanceUID in a folder would form a series)
+    _dicom_copy(src, bad / "no_pixels.dcm", drop="PixelData", SeriesInstanceUID=generate_uid())
+    expected["bad/no_pixels.dcm"] = ("rejected", "pixel")
+    # JPEG-LS: no decoder plugin is installed (pylibjpeg, gdcm and pyjpegls are not dependencies)
+    _dicom_copy(src, bad / "jpeg_ls.dcm", transfer_syntax="1.2.840.10008.1.2.4.80", SeriesInstanceUID=generate_uid())
+    expected["bad/jpeg_ls.dcm"] = ("rejected", "decoder")
+    _dicom_copy(src, bad / "mr.dcm", Modality="MR", SeriesInstanceUID=generate_uid())
+    expected["bad/mr.dcm"] = ("rejected", "MR")
+    # Series that do not make a volume (each slice alone is still a fine CT slice).
+    for name, fix in (("missing_slice", "missing"), ("duplicate_positions", "duplicate"), ("mixed_sizes", "size")):
+        files = _series(bad / name, 7)
+        if name == "missing_slice":
+            files[len(files) // 2].unlink()
+            files.pop(len(files) // 2)
+        elif name == "duplicate_positions":
+            shutil.copy(files[3], bad / name / "copy_of_slice.dcm")
+            files.append(bad / name / "copy_of_slice.dcm")
+        else:  # one slice, in its place, cut to 48x48 pixels
+            import pydicom
+
+            ds = pydicom.dcmread(files[3])
+            ds.PixelData = np.ascontiguousarray(ds.pixel_array[:48, :48]).tobytes()
+            ds.Rows = ds.Columns = 48
+            ds.save_as(files[3])
+        expected[f"bad/{name}"] = ("rejected", fix)
+        for f in files:
+            expected[f.relative_to(root).as_posix()] = ("ok", "")
+    # NIfTI volumes that are not 3-D CT.
+    nan = vol.astype(np.float32)
+    nan[10, 10, 5] = np.nan
+    _nifti(bad / "nan.nii.gz", nan, spacing)
+    expected["bad/nan.nii.gz"] = ("rejected", "NaN")
+    zero = _nifti(bad / "zero_spacing.nii.gz", vol.astype(np.int16), spacing)
+    _set_pixdim(zero, (0.0, 1.0, 1.0))
+    expected["bad/zero_spacing.nii.gz"] = ("rejected", "spacing")
+    neg = _nifti(bad / "negative_spacing.nii", vol.astype(np.int16), spacing)
+    _set_pixdim(neg, (-1.0, 1.0, 3.0))
+    expected["bad/negative_spacing.nii"] = ("rejected", "spacing")
+    _nifti(bad / "four_d.nii.gz", np.full((32, 32, 16, 3), -1000, np.int16), (1.0, 1.0, 1.0, 1.0))
+    expected["bad/four_d.nii.gz"] = ("rejected", "4-D")
+    _nifti(bad / "two_d.nii.gz", np.full((64, 64), -1000, np.int16), (1.0, 1.0))
+    expected["bad/two_d.nii.gz"] = ("rejected", "2-D")
+    _absurd_nifti(bad / "absurd.nii")
+    expected["bad/absurd.nii"] = ("rejected", "too large")
+    _nifti(bad / "mr_like.nii.gz", (vol.astype(np.float32) + 1024) / 16, spacing)
+    expected["bad/mr_like.nii.gz"] = ("rejected", "Hounsfield")
+    # A link out of the input folder.
+    secret = outside / "elsewhere.png"
+    _png(secret, good_slice)
+    (bad / "link_out.png").symlink_to(secret)
+    expected["bad/link_out.png"] = ("rejected", "outside the input folder")
+    return expected
+
+
+def _series_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _set_pixdim(path: Path, zooms: tuple[float, float, float]) -> None:
+    """Write pixdim[1:4] straight into the header bytes (nibabel refuses to set bad zooms)."""
+    raw = path.read_bytes()
+    gz = path.name.endswith(".gz")
+    data = bytearray(gzip.decompress(raw) if gz else raw)
+    data[80:92] = np.asarray(zooms, "<f4").tobytes()  # pixdim[1..3] at byte offset 76 + 4
+    path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+
+
+def _absurd_nifti(path: Path) -> None:
+    """A 352-byte header claiming 30000 x 30000 x 30000 int16 voxels (54 TB), and no data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.int16)
+    header.set_zooms((1.0, 1.0, 1.0))
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + b"\0" * 4)
+
+
+def _run(factory, folder: Path, out: Path, **kw) -> pd.DataFrame:
+    from flows.score import score_folder
+
+    csv = score_folder(input_dir=str(folder), output_dir=str(out), exports_dir=str(factory["exports"]), **kw)
+    return pd.read_csv(csv, keep_default_na=False)
+
+
+def _models_for(kind: str) -> set[str]:
+    return {n for n in registry.names() if kind in scoring.MODALITY_INPUTS[registry.get(n).spec.modality]}
+
+
+@pytest.fixture(scope="module")
+def corpus_run(factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qa")
+    folder, outside = root / "incoming", root / "outside"
+    expected = make_bad_corpus(folder, outside)
+    # One file still arriving: modified just now, while everything else arrived an hour ago.
+    _age_everything(folder)
+    arriving = _png(folder / "arriving" / "slice.png", phantoms.ct_slice("normal", np.random.default_rng(9), 128))
+    first = _run(factory, folder, root / "reports", settle_seconds=30)
+    return {"root": root, "folder": folder, "expected": expected, "first": first, "arriving": arriving}
+
+
+def test_qa_corpus_has_at_least_twenty_kinds_of_bad_input(corpus_run):
+    bad = {k for k, (status, _) in corpus_run["expected"].items() if status != "ok"}
+    assert len(bad) >= 20, sorted(bad)
+
+
+def test_every_bad_input_gets_a_row_naming_it_and_every_good_one_is_scored(corpus_run):
+    df, expected = corpus_run["first"], corpus_run["expected"]
+    items = scoring.discover(corpus_run["folder"]).items
+    keys = {(i.key, i.series_uid_hash) for i in items}
+    assert {k for k, _ in keys} == set(expected) | {"arriving/slice.png"}
+    for key, (status, word) in expected.items():
+        is_series = (corpus_run["folder"] / key).is_dir()
+        rows = df[(df.relative_path == key) & ((df.item_kind == "dicom_series") == is_series)]
+        kinds = {i.kind for i in items if i.key == key}
+        assert len(rows) > 0 and set(rows.model) == set().union(*(_models_for(k) for k in kinds)), key
+        assert set(rows.status) == {status}, (key, rows[["model", "status", "error"]].values)
+        for _, row in rows.iterrows():
+            if status == "ok":
+                assert row.error == "" and row.predicted_class != ""
+            else:  # "<file>: <problem>; <what to do>"
+                assert Path(key).name in row.error and row.predicted_class == "" and ";" in row.error, row.error
+                assert word.lower() in row.error.lower(), (key, row.error)
+
+
+def test_a_file_still_arriving_is_skipped_then_scored_and_nothing_is_scored_twice(corpus_run, factory):
+    first = corpus_run["first"]
+    assert "arriving/slice.png" not in set(first.relative_path)
+    arriving = corpus_run["arriving"]
+    os.utime(arriving, (HOUR_AGO, HOUR_AGO))  # the transfer finished
+    second = _run(factory, corpus_run["folder"], corpus_run["root"] / "reports", settle_seconds=30)
+    assert set(second.relative_path) == {"arriving/slice.png"}
+    assert set(second.model) == _models_for("ct_slice") and set(second.status) == {"ok"}
+    third = _run(factory, corpus_run["folder"], corpus_run["root"] / "reports", settle_seconds=30)
+    assert len(third) == 0 and list(third.columns)[:3] == ["relative_path", "file_sha256", "model"]
+    cumulative = pd.read_csv(corpus_run["root"] / "reports" / "scores-cumulative.csv", keep_default_na=False)
+    assert len(cumulative) == len(first) + len(second)
+    key = ["relative_path", "series_uid_hash", "model", "model_version"]
+    assert not cumulative.duplicated(key).any()
+
+
+def test_a_changed_file_is_scored_again(factory, tmp_path):
+    folder = tmp_path / "in"
+    path = _png(folder / "s.png", phantoms.ct_slice("normal", np.random.default_rng(1), 128))
+    out = tmp_path / "out"
+    first = _run(factory, folder, out, settle_seconds=0, models=["chest-cnn"])
+    _png(path, phantoms.ct_slice("adenocarcinoma", np.random.default_rng(2), 128))
+    second = _run(factory, folder, out, settle_seconds=0, models=["chest-cnn"])
+    assert len(first) == len(second) == 1 and first.file_sha256[0] != second.file_sha256[0]
+    assert second.file_sha256[0] == sha256_file(path)
+
+
+def test_a_new_model_version_rescores_everything_for_that_model(factory, tmp_path):
+    folder = tmp_path / "in"
+    phantoms.write_incoming(folder, seed=3, n_tiles=3, n_volumes=0, corrupt=False, tile_size=128)
+    exports = tmp_path / "exports"
+    shutil.copytree(Path(factory["bundles"]["lc25000-cnn"]).parent, exports / "lc25000-cnn")
+    out = tmp_path / "out"
+    kw = {"input_dir": str(folder), "output_dir": str(out), "exports_dir": str(exports), "settle_seconds": 0}
+    from flows.score import score_folder
+
+    assert len(pd.read_csv(score_folder(**kw))) == 3
+    assert len(pd.read_csv(score_folder(**kw))) == 0
+    # A new version: same card, another ONNX file (another hash).
+    old = load_bundle(Path(factory["bundles"]["lc25000-cnn"]))
+    new_dir = exports / "lc25000-cnn" / "29990101T000000Z"
+    shutil.copytree(old.path, new_dir)
+    import onnx
+
+    graph = onnx.load(str(new_dir / "model.onnx"))
+    graph.doc_string = "re-exported"
+    onnx.save(graph, str(new_dir / "model.onnx"))
+    card = {**old.card, "version": new_dir.name, "onnx_sha256": sha256_file(new_dir / "model.onnx")}
+    (new_dir / "model_card.json").write_text(json.dumps(card))
+    (exports / "lc25000-cnn" / "LATEST").write_text(new_dir.name + "\n")
+    again = pd.read_csv(score_folder(**kw), keep_default_na=False)
+    assert len(again) == 3 and set(again.model_version) == {new_dir.name}
+
+
+def test_dicom_series_and_the_same_volume_as_nifti_score_the_same(factory, tmp_path):
+    folder = tmp_path / "in"
+    files = _series(folder / "patient" / "series", 11)
+    volume, spacing, affine = dicom.read_series_hu(dicom.group_series(files)[0][0])
+    nib.save(nib.Nifti1Image(volume, affine), str(folder / "same.nii.gz"))
+    df = _run(factory, folder, tmp_path / "out", settle_seconds=0, models=["mosmed-3dcnn"])
+    assert set(df.status) == {"ok"} and len(df) == 2
+    series, nifti = df[df.item_kind == "dicom_series"].iloc[0], df[df.item_kind == "nifti"].iloc[0]
+    assert series.relative_path == "patient/series" and len(series.series_uid_hash) == 16
+    for c in ("normal", "abnormal"):
+        assert abs(float(series[f"prob_{c}"]) - float(nifti[f"prob_{c}"])) < 1e-6
+
+
+def test_real_dicom_series_and_slices_are_scored(factory, tmp_path, shared_data):
+    folder = tmp_path / "in"
+    shutil.copytree(shared_data / "dicom", folder / "dicom")
+    series = dicom.group_series(sorted((folder / "dicom" / "abdomen-series").iterdir()))[0][0]
+    volume, _, affine = dicom.read_series_hu(series)
+    nib.save(nib.Nifti1Image(volume, affine), str(folder / "abdomen_as_nifti.nii.gz"))
+    df = _run(factory, folder, tmp_path / "out", settle_seconds=0)
+    ok = df[df.status == "ok"]
+    vol = ok[ok.model == "mosmed-3dcnn"].set_index("item_kind")
+    assert set(vol.index) == {"dicom_series", "nifti"}
+    assert abs(float(vol.loc["dicom_series", "prob_abnormal"]) - float(vol.loc["nifti", "prob_abnormal"])) < 1e-6
+    slices = ok[ok.item_kind == "dicom"]
+    n_files = len(list((folder / "dicom").rglob("*.dcm")))
+    assert len(slices) == n_files * len(_models_for("ct_slice"))
+    # The two adjacent lungmask slices are a series too short to be a volume: rejected, said why.
+    short = df[(df.relative_path == "dicom/lungmask") & (df.model == "mosmed-3dcnn")]
+    assert len(short) == 1 and short.status.iloc[0] == "rejected" and "slices" in short.error.iloc[0]
+
+
+def test_discovery_skips_a_file_that_grows_while_it_is_hashed(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    path = _png(folder / "growing.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
+    real = scoring.sha256_file
+
+    def hash_while_writing(p):
+        digest = real(p)
+        with open(p, "ab") as f:  # the transfer goes on
+            f.write(b"more bytes")
+        return digest
+
+    monkeypatch.setattr(scoring, "sha256_file", hash_while_writing)
+    found = scoring.discover(folder)
+    assert found.items == [] and found.skipped[0][0] == "growing.png" and "being written" in found.skipped[0][1]
+    monkeypatch.setattr(scoring, "sha256_file", real)
+    assert [i.key for i in scoring.discover(folder).items] == [path.name]
+
+
+def test_an_unreadable_file_is_an_error_row_and_its_neighbours_are_scored():
+    """Permissions: run discovery as an unprivileged user (root reads everything)."""
+    base = Path(tempfile.mkdtemp(prefix="lung-perm-"))
+    try:
+        os.chmod(base, 0o755)
+        folder = base / "in"
+        _png(folder / "readable.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
+        locked = _png(folder / "locked.png", phantoms.ct_slice("normal", np.random.default_rng(2), 64))
+        os.chmod(folder, 0o755)
+        for p in folder.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(locked, 0o000)
+        if os.geteuid() == 0:
+            found = _discover_as_nobody(folder)
+        else:
+            found = scoring.discover(folder)
+        by_key = {i.key: i for i in found.items}
+        assert by_key["readable.png"].sha256 and not by_key["readable.png"].refusal
+        assert by_key["locked.png"].refusal_status == "error"
+        assert "locked.png" in by_key["locked.png"].refusal and "read access" in by_key["locked.png"].refusal
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _discover_as_nobody(folder: Path) -> scoring.Incoming:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop privileges, discover, send the items back
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            found = scoring.discover(folder)
+            os.write(write, json.dumps([i.as_dict() for i in found.items]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return scoring.Incoming(items=[scoring.Item.from_dict(d) for d in json.loads(b"".join(chunks))])
+
+
+# ------------------------------------------------------------------ real processes: kill -9, concurrency
+def _cli_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def _score_process(folder: Path, out: Path, exports: Path, home: Path, *models: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "flows.cli", "score", str(folder), str(out), "--exports-dir", str(exports),
+            "--settle-seconds", "0", "--batch-size", "2"]
+    for m in models:
+        args += ["-m", m]
+    return subprocess.Popen(args, cwd=REPO, env=_cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _ledger_rows(out: Path) -> int:
+    db = out / "ledger.sqlite3"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return int(con.execute("select count(*) from rows").fetchone()[0])
+    except sqlite3.Error:  # not created yet, or busy: try again
+        return 0
+
+
+def _all_night_rows(out: Path) -> pd.DataFrame:
+    nights = [pd.read_csv(p, keep_default_na=False) for p in sorted(out.glob("scores-2*.csv"))]
+    return pd.concat(nights, ignore_index=True) if nights else pd.DataFrame()
+
+
+def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(factory, tmp_path):
+    folder = tmp_path / "in"
+    phantoms.write_incoming(folder, seed=21, n_tiles=160, n_volumes=0, corrupt=False, tile_size=192)
+    out = tmp_path / "out"
+    models = ("lc25000-cnn", "lc25000-inception-mixed7")
+    proc = _score_process(folder, out, factory["exports"], tmp_path / "home1", *models)
+    deadline = time.time() + 240
+    while _ledger_rows(out) < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = _ledger_rows(out)
+    total = 160 * len(models)
+    assert 0 < at_kill < total, f"the kill should land mid-run ({at_kill} of {total} rows recorded)"
+    assert not list(out.glob("scores-2*.csv")), "the killed run must not have published a partial report"
+    rerun = _score_process(folder, out, factory["exports"], tmp_path / "home2", *models)
+    log, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, log[-3000:]
+    nights = _all_night_rows(out)
+    cumulative = pd.read_csv(out / "scores-cumulative.csv", keep_default_na=False)
+    for df in (nights, cumulative):
+        assert len(df) == total and not df.duplicated(["relative_path", "model"]).any()
+        assert set(df.status) == {"ok"}
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+
+
+def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(factory, tmp_path):
+    folder = tmp_path / "in"
+    phantoms.write_incoming(folder, seed=22, n_tiles=40, n_volumes=0, corrupt=False, tile_size=128)
+    files = _series(folder / "dicom" / "series", 12)
+    files[5].unlink()  # a bad series too: its error message must not leak identifiers either
+    out = tmp_path / "out"
+    models = ("lc25000-cnn", "chest-cnn", "mosmed-3dcnn")
+    procs = [_score_process(folder, out, factory["exports"], tmp_path / f"home{i}", *models) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    nights = _all_night_rows(out)
+    cumulative = pd.read_csv(out / "scores-cumulative.csv", keep_default_na=False)
+    n_slices = len(files) - 1
+    want = 40 + n_slices + 1  # tiles (lc25000-cnn), slices (chest-cnn), the series (mosmed-3dcnn)
+    for df in (nights, cumulative):
+        assert len(df) == want and not df.duplicated(["relative_path", "model"]).any()
+    assert len(list(out.glob("scores-2*.csv"))) == 2  # each run wrote its own (one of them header-only)
+    series_row = cumulative[cumulative.model == "mosmed-3dcnn"].iloc[0]
+    assert series_row.status == "rejected" and "missing" in series_row.error.lower()
+    uid = _series_uid(files[0])
+    outputs = "\n".join(logs) + "".join(p.read_text() for p in out.glob("*.csv"))
+    ledger_bytes = (out / "ledger.sqlite3").read_bytes().decode("latin-1")
+    for secret in (*PHI, uid):
+        assert secret not in outputs and secret not in ledger_bytes, secret
