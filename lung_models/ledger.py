@@ -1,7 +1,8 @@
 """Exactly-once scoring ledger: which (file content, model bundle) pairs are scored, and their CSV reports.
 
-Every scoring result is a row keyed by ``(relative_path, file_sha256, bundle_sha256)``: the item's
-path, the sha256 of its content, and the sha256 of the model's ONNX file. ``ok`` and ``rejected``
+Every scoring result is a row keyed by ``(relative_path, file_sha256, bundle_sha256, model)``: the
+item's path, the sha256 of its content, the sha256 of the model's ONNX file and the model's name (two
+models may ship byte-identical ONNX files, e.g. the same graph under two names). ``ok`` and ``rejected``
 rows are *done* (``rejected`` means the content itself is bad, so it would be bad again); an
 ``error`` row (unreadable file, refused bundle, inference crash) is reported but not done, so the
 next run retries it. The ledger is one SQLite file, ``<output_dir>/ledger.sqlite3``.
@@ -19,11 +20,14 @@ Why every (file, model version) appears exactly once in the outputs, whatever cr
   them. A crash after the claim leaves an unpublished report: the next ``publish`` rewrites that CSV
   from the ledger (same name, same rows, same header) before claiming anything new. A row is
   claimed by exactly one report, so it is in exactly one night CSV.
-* Error rows are attempts, not results: when a later row exists for the same (path, model, bundle),
-  an unreported error row is superseded and never published (a killed run's error and the rerun's
-  retry do not both appear in one night), and the cumulative CSV shows only the latest published
-  attempt for each (path, model, bundle). Each night CSV reports that night's attempts, including
-  retried errors.
+* Error rows are attempts, not results: when a later row exists for the same (path, content, model,
+  bundle), an unreported error row is superseded and never published (a killed run's error and the
+  rerun's retry do not both appear in one night), and the cumulative CSV shows only the latest
+  published attempt for each (path, content, model, bundle). The content (file_sha256) is part of
+  it because two DICOM series in one folder share their path (the folder): one series' row is no
+  attempt at the other. An error row with an empty file_sha256 (the file could not even be read to
+  hash it) is an attempt at whatever the path holds, so any later row for the path replaces it.
+  Each night CSV reports that night's attempts, including retried errors.
 * ``Ledger.write_cumulative`` rewrites ``scores-cumulative.csv`` from the published rows, so it is
   current after every publish and never contains a row twice.
 
@@ -33,7 +37,8 @@ SQLite cursors, and the CSV header is computed from a small table of the column 
 
 Runs are serialised by :func:`scoring_lock` (an ``flock`` on ``<output_dir>/.scoring.lock``,
 released by the kernel even when its holder is killed -9); take it around ``done``/scoring/
-``record``/``publish``/``write_cumulative``.
+``record``/``publish``/``write_cumulative``. ``publish`` relies on it: it deletes leftover CSV temp
+files it takes for a dead writer's (see ``Ledger._remove_stale_temps``).
 
 Pure library code: no Prefect imports.
 """
@@ -68,7 +73,7 @@ LOCK_NAME = ".scoring.lock"
 CUMULATIVE_NAME = "scores-cumulative.csv"
 DONE_STATUSES = frozenset({"ok", "rejected"})
 STATUSES = frozenset({"ok", "rejected", "error"})
-KEY_COLUMNS = ("relative_path", "file_sha256", "bundle_sha256")
+KEY_COLUMNS = ("relative_path", "file_sha256", "bundle_sha256", "model")
 REQUIRED_COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "bundle_sha256", "status")
 # Every CSV: LEAD_COLUMNS, the prob_* columns (by first appearance in the ledger), TAIL_COLUMNS, then
 # any other column alphabetically. LEAD and TAIL columns are always present, blank when unset.
@@ -78,8 +83,14 @@ TAIL_COLUMNS = ("status", "error", "provider", "scored_utc", "bundle_sha256", "i
 FIXED_COLUMNS = frozenset(LEAD_COLUMNS + TAIL_COLUMNS)
 PROB_PREFIX = "prob_"
 
-_SCHEMA_VERSION = 1
-_DONE_CHUNK = 400  # (path, sha) pairs per query: 800 parameters, far below SQLite's limit
+# 2: the done key and the attempt index include the model (1 had no model in the done key, no file_sha256 in
+# rows_attempt). 1 -> 2 only recreates those two indexes: the new unique index is looser, so it always builds.
+_SCHEMA_VERSION = 2
+_REBUILT_INDEXES = {1: ("rows_done_key", "rows_attempt")}  # by the version they are rebuilt from
+_DONE_CHUNK = 400  # (path, sha) pairs per query: 802 parameters, far below SQLite's limit
+STALE_TEMP_SECONDS = 3600  # a CSV temp file untouched this long is a dead writer's (writers rewrite it within seconds)
+# atomic_text_writer's temp names for our CSVs: .<name>.csv.<pid>.<mkstemp's random part>.tmp
+_TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 _STAMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _SCHEMA = """
@@ -116,11 +127,15 @@ CREATE TABLE IF NOT EXISTS rows (
     row_json TEXT NOT NULL,
     report TEXT REFERENCES reports(name)     -- NULL until claimed by a night CSV
 );
-CREATE UNIQUE INDEX IF NOT EXISTS rows_done_key ON rows(relative_path, file_sha256, bundle_sha256)
+CREATE UNIQUE INDEX IF NOT EXISTS rows_done_key ON rows(relative_path, file_sha256, bundle_sha256, model)
     WHERE done = 1;
-CREATE INDEX IF NOT EXISTS rows_attempt ON rows(relative_path, bundle_sha256, model);
+CREATE INDEX IF NOT EXISTS rows_attempt ON rows(relative_path, bundle_sha256, model, file_sha256);
 CREATE INDEX IF NOT EXISTS rows_report ON rows(report);
 """
+
+# A later row is another attempt at the same item when it has the same content; an error row without
+# content hash (the file could not be read) is an attempt at whatever the path holds.
+_SAME_CONTENT = "(later.file_sha256 = {row}.file_sha256 OR {row}.file_sha256 = '')"
 
 _INSERT_ROW = """
 INSERT INTO rows (relative_path, file_sha256, bundle_sha256, model, model_version, status, done, run_id,
@@ -129,7 +144,7 @@ SELECT :relative_path, :file_sha256, :bundle_sha256, :model, :model_version, :st
        :recorded_utc, :keyset, :row_json
 WHERE :done = 1 OR NOT EXISTS (
     SELECT 1 FROM rows WHERE done = 1 AND relative_path = :relative_path AND file_sha256 = :file_sha256
-                         AND bundle_sha256 = :bundle_sha256)
+                         AND bundle_sha256 = :bundle_sha256 AND model = :model)
 ON CONFLICT DO NOTHING
 """
 
@@ -304,6 +319,9 @@ class Ledger:
             if version > _SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has ledger schema {version}, newer than this code "
                                    f"({_SCHEMA_VERSION}); upgrade lung_models")
+            for old in range(version, _SCHEMA_VERSION):  # a new ledger (0) has nothing to drop
+                for index in _REBUILT_INDEXES.get(old, ()):
+                    self._conn.execute(f"DROP INDEX IF EXISTS {index}")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
@@ -332,9 +350,10 @@ class Ledger:
         self.close()
 
     # -- queries
-    def done(self, bundle_sha256: str, items: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    def done(self, model: str, bundle_sha256: str, items: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """The (relative_path, file_sha256) pairs among ``items`` already done (``ok``/``rejected``)
-        for this bundle. Queried in chunks through the unique index: works for any number of items."""
+        by this model (the rows' ``model``) with this bundle. Queried in chunks through the unique
+        index: works for any number of items."""
         found: set[tuple[str, str]] = set()
         iterator = iter(items)
         with self._mutex:
@@ -342,17 +361,18 @@ class Ledger:
                 values = ",".join(["(?, ?)"] * len(chunk))
                 sql = (f"WITH q(p, s) AS (VALUES {values}) SELECT p, s FROM q WHERE EXISTS ("
                        "SELECT 1 FROM rows WHERE rows.relative_path = q.p AND rows.file_sha256 = q.s "
-                       "AND rows.bundle_sha256 = ? AND rows.done = 1)")
-                params = [v for pair in chunk for v in (str(pair[0]), str(pair[1]))] + [bundle_sha256]
+                       "AND rows.bundle_sha256 = ? AND rows.model = ? AND rows.done = 1)")
+                params = [v for pair in chunk for v in (str(pair[0]), str(pair[1]))] + [bundle_sha256, model]
                 found.update(self._conn.execute(sql, params))
         return found
 
     def record(self, run_id: str, rows: Sequence[dict[str, Any]]) -> int:
         """Insert a batch of result rows in ONE transaction; return how many were inserted.
 
-        A row whose key is already done is ignored (also a duplicate within the batch), and so is an
-        ``error`` row for a key that is already done. A kill -9 before the commit loses the whole
-        batch, never part of it. ``run_id`` is stored with each row (it overrides a ``run_id`` key).
+        A row whose key (KEY_COLUMNS: path, content, bundle, model) is already done is ignored (also a
+        duplicate within the batch), and so is an ``error`` row for a key that is already done. A
+        kill -9 before the commit loses the whole batch, never part of it. ``run_id`` is stored with
+        each row (it overrides a ``run_id`` key).
         """
         if not rows:
             return 0
@@ -430,7 +450,11 @@ class Ledger:
     def publish(self, run_id: str, stamp: str) -> Path:
         """Publish every unreported row as the night CSV ``scores-<stamp>.csv`` (``-2``, ``-3``... if
         taken) and return its path; header-only when nothing is new. First rewrites any report a
-        crashed run claimed but did not finish. Callers hold :func:`scoring_lock`."""
+        crashed run claimed but did not finish.
+
+        Must run under :func:`scoring_lock`: it first deletes CSV temp files left by interrupted
+        writers (an hour old, or whose writer pid is gone), which is only safe when no other run
+        can be writing one."""
         if not _STAMP_RE.match(stamp) or stamp.startswith("cumulative"):
             raise ValueError(f"report stamp {stamp!r} must be letters, digits, '.', '_' or '-' "
                              "and must not start with 'cumulative'")
@@ -460,7 +484,8 @@ class Ledger:
             conn.execute(
                 "UPDATE rows SET superseded = 1 WHERE report IS NULL AND superseded = 0 AND done = 0 "
                 "AND EXISTS (SELECT 1 FROM rows AS later WHERE later.relative_path = rows.relative_path "
-                "AND later.bundle_sha256 = rows.bundle_sha256 AND later.model = rows.model AND later.id > rows.id)")
+                "AND later.bundle_sha256 = rows.bundle_sha256 AND later.model = rows.model "
+                f"AND {_SAME_CONTENT.format(row='rows')} AND later.id > rows.id)")
             for n in itertools.count(1):
                 name = f"scores-{stamp}.csv" if n == 1 else f"scores-{stamp}-{n}.csv"
                 taken = conn.execute("SELECT 1 FROM reports WHERE name = ?", (name,)).fetchone()
@@ -486,8 +511,8 @@ class Ledger:
 
     def write_cumulative(self) -> Path:
         """Rewrite ``scores-cumulative.csv`` atomically from every published row, oldest first: each
-        done row once, and for error rows only the latest published attempt per (path, model, bundle)
-        that no later published row replaced. Streamed: memory does not grow with the rows."""
+        done row once, and for error rows only the latest published attempt per (path, content,
+        model, bundle) that no later published row replaced. Streamed: memory does not grow with the rows."""
         with self._mutex:
             extras: set[str] = set()
             for (header,) in self._conn.execute("SELECT header FROM reports WHERE published_utc IS NOT NULL"):
@@ -497,7 +522,8 @@ class Ledger:
                 "WHERE p.published_utc IS NOT NULL AND (r.done = 1 OR NOT EXISTS ("
                 "  SELECT 1 FROM rows AS later JOIN reports AS lp ON lp.name = later.report "
                 "  WHERE later.relative_path = r.relative_path AND later.bundle_sha256 = r.bundle_sha256 "
-                "  AND later.model = r.model AND later.id > r.id AND lp.published_utc IS NOT NULL)) "
+                f"  AND later.model = r.model AND {_SAME_CONTENT.format(row='r')} AND later.id > r.id "
+                "  AND lp.published_utc IS NOT NULL)) "
                 "ORDER BY r.id")
             return self._write_csv(self.output_dir / CUMULATIVE_NAME, self._header(extras), rows)
 
@@ -513,15 +539,22 @@ class Ledger:
         return path
 
     def _remove_stale_temps(self) -> None:
-        """Remove CSV temp files whose writer process is gone (killed mid-write). A live writer's
-        temp file is left alone, so this is safe even without the scoring lock."""
-        for tmp in self.output_dir.glob(".scores-*.csv.*.tmp"):
-            try:
-                pid = int(tmp.name.rsplit(".", 3)[1])
-            except (ValueError, IndexError):
+        """Remove CSV temp files left by interrupted writers: those untouched for STALE_TEMP_SECONDS,
+        or whose writer pid is gone. The pid alone cannot tell: where PIDs restart (containers), a
+        dead writer's pid may belong to a live process, even this one. Callers hold the scoring
+        lock, so no other run is writing a report; our own writes are serialised by ``_mutex``."""
+        now = time.time()
+        for tmp in self.output_dir.glob(".scores-*.tmp"):
+            match = _TEMP_RE.match(tmp.name)
+            if not match:
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
-                log.info("ledger: removing %s left by an interrupted write", tmp)
+            try:
+                age = now - tmp.stat().st_mtime
+            except OSError:  # already gone
+                continue
+            pid = int(match.group(1))
+            if age > STALE_TEMP_SECONDS or (pid != os.getpid() and not _pid_alive(pid)):
+                log.info("ledger: removing %s left by an interrupted write (%.0f s old)", tmp, age)
                 tmp.unlink(missing_ok=True)
 
     # -- introspection

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -53,7 +54,7 @@ class Item:
     source: str  # image | nifti | dicom | dicom_series | refused
     files: tuple[str, ...]  # relative paths of the files read to score it
     sha256: str  # content hash: the file's, or for a series a hash over its slices' names and hashes
-    stats: tuple[tuple[int, int], ...] = ()  # (size, mtime_ns) of each file when it was hashed
+    stats: tuple[tuple[int, ...], ...] = ()  # _stat_key of each file when it was hashed
     series_uid_hash: str = ""
     refusal: str = ""  # set when the item is refused without being read (symlink out of the folder...)
     refusal_status: str = ""
@@ -95,16 +96,46 @@ def predict(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ discovery
-def _stat_key(st: os.stat_result) -> tuple[int, int]:
-    return (int(st.st_size), int(st.st_mtime_ns))
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """What must stay the same between hashing and decoding: size, mtime, ctime and inode (a file
+    replaced by a rename has a new inode even with the same size and mtime)."""
+    return (int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino))
 
 
-def _inside(path: Path, root: Path) -> bool:
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _link_sha(path: Path, what: str) -> str:
+    """An identity for an item that is refused without reading it (a link out of the folder, a pipe):
+    what it is and where it points, so a changed link is looked at again."""
     try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
+        target = os.readlink(path)
+    except OSError:
+        target = ""
+    return sha256_bytes(f"{what} -> {target}".encode())
+
+
+@dataclass
+class _Walk:
+    """State of one discovery walk."""
+
+    root: Path
+    real_root: str
+    now: float
+    settle_seconds: float
+    found: Incoming = field(default_factory=Incoming)
+    dicom_files: dict[Path, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    # Folders where a DICOM file was skipped or refused, or which changed recently: no series is
+    # assembled there this run (a series missing its newest slices would be scored as complete).
+    unsettled_folders: dict[Path, str] = field(default_factory=dict)
+    newest_mtime: dict[Path, float] = field(default_factory=dict)
+
+    def skip(self, rel: str, why: str) -> None:
+        self.found.skipped.append((rel, why))
+
+    def refuse(self, rel: str, kind: str, sha: str, status: str, why: str) -> None:
+        self.found.items.append(Item(rel, kind, "refused", (rel,), sha, refusal_status=status, refusal=why))
 
 
 def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | None = None) -> Incoming:
@@ -112,89 +143,130 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
 
     Image suffixes, NIfTI suffixes, ``.dcm`` and extensionless files with a DICOM preamble are
     considered; anything else (notes, checksums) is ignored. A file modified less than
-    ``settle_seconds`` ago, or that changes while it is hashed, is still arriving: skipped this run.
-    A symbolic link is followed only if it stays inside the folder.
+    ``settle_seconds`` ago, or that changes while it is hashed, is still arriving: skipped this run,
+    and so is any DICOM series in its folder. A symbolic link is followed only if it stays inside
+    the folder; nothing outside is ever opened. Only regular files are read (a named pipe would
+    block the night).
     """
     root = Path(input_dir)
-    real_root = root.resolve()
-    now = datetime.now(timezone.utc).timestamp() if now is None else now
-    found = Incoming()
-    dicom_files: list[tuple[Path, str, tuple[int, int]]] = []  # (path, sha, stat) of readable DICOM files
-    for dirpath, dirnames, filenames in os.walk(root):
+    walk = _Walk(root, os.path.realpath(root), datetime.now(timezone.utc).timestamp() if now is None else now,
+                 settle_seconds)
+
+    def unlistable(exc: OSError) -> None:
+        rel = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "?"
+        walk.skip(rel, f"folder cannot be listed ({exc.strerror}); give the scoring user read access to it")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         folder = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for d in list(dirnames):
             if (folder / d).is_symlink():  # os.walk does not descend into it; say so
                 dirnames.remove(d)
-                found.skipped.append(((folder / d).relative_to(root).as_posix(),
-                                      "symbolic link to a folder: not followed; copy the files into the input folder"))
+                walk.skip((folder / d).relative_to(root).as_posix(),
+                          "symbolic link to a folder: not followed; copy the files into the input folder")
         for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = folder / name
-            rel = path.relative_to(root).as_posix()
-            by_name = file_kind(path)
-            is_dcm = by_name is None and dicom.is_dicom_file(path)
-            if by_name is None and not is_dcm:
-                continue
-            kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else "image"
-            source = "nifti" if by_name == "volume" else "dicom" if is_dcm else "image"
-            if path.is_symlink():
-                target = path.resolve()
-                if not _inside(target, real_root):
-                    # Never read what lies outside; the link's own text identifies it (a changed link rescores).
-                    link_sha = sha256_bytes(f"symlink -> {os.readlink(path)}".encode())
-                    found.items.append(Item(rel, kind, "refused", (rel,), link_sha, refusal_status=REJECTED, refusal=(
-                        f"{name}: symbolic link to {'a missing file' if not target.exists() else 'a file'} outside "
-                        "the input folder, refused; copy the file into the folder instead of linking it")))
+            if not name.startswith("."):
+                _discover_file(walk, folder / name)
+            else:  # hidden files (e.g. a transfer's temp file) still tell that the folder is changing
+                try:
+                    mtime = (folder / name).lstat().st_mtime
+                except OSError:
                     continue
-            try:
-                before = path.stat()
-            except OSError as exc:
-                found.items.append(Item(rel, kind, "refused", (rel,), "", refusal_status=REJECTED if isinstance(
-                    exc, FileNotFoundError) else ERROR, refusal=f"{name}: cannot be opened ({exc.strerror}); "
-                    "check the file and its permissions"))
-                continue
-            if settle_seconds and now - before.st_mtime < settle_seconds:
-                found.skipped.append((rel, f"modified {now - before.st_mtime:.0f} s ago (under {settle_seconds:.0f} s):"
-                                           " may still be arriving; a later run scores it"))
-                continue
-            try:
-                sha = sha256_file(path)
-            except OSError as exc:
-                found.items.append(Item(rel, kind, "refused", (rel,), "", refusal_status=ERROR, refusal=(
-                    f"{name}: cannot be read ({exc.strerror}); give the scoring user read access to it")))
-                continue
-            stat = _stat_key(before)
-            try:
-                changed = _stat_key(path.stat()) != stat
-            except OSError:
-                changed = True
-            if changed:
-                found.skipped.append((rel, "changed while being read: still being written; a later run scores it"))
-                continue
-            if source == "image":
-                kind = input_kind(path)
-            elif source == "dicom":
-                dicom_files.append((path, sha, stat))
-            found.items.append(Item(rel, kind, source, (rel,), sha, (stat,)))
-    found.items.extend(_series_items(root, dicom_files))
-    found.items.sort(key=lambda i: (i.key, i.series_uid_hash))
-    return found
+                walk.newest_mtime[folder] = max(walk.newest_mtime.get(folder, 0.0), mtime)
+    walk.found.items.extend(_series_items(walk))
+    walk.found.items.sort(key=lambda i: (i.key, i.series_uid_hash))
+    return walk.found
 
 
-def _series_items(root: Path, dicom_files: list[tuple[Path, str, tuple[int, int]]]) -> list[Item]:
-    """One ct_volume item per DICOM series of two or more slices (one slice alone is only a slice)."""
-    known = {p: (sha, stat) for p, sha, stat in dicom_files}
-    series, _unreadable = dicom.group_series(known)  # unreadable headers: their slice rows say why
+def _discover_file(walk: _Walk, path: Path) -> None:
+    """Classify, stat and hash one directory entry; add an item, a refusal or a skip to ``walk``."""
+    rel, name, folder = path.relative_to(walk.root).as_posix(), path.name, path.parent
+    by_name = file_kind(path)
+    try:
+        link = path.lstat()
+    except OSError:
+        walk.skip(rel, "vanished while the folder was being listed; a later run looks again")
+        return
+    walk.newest_mtime[folder] = max(walk.newest_mtime.get(folder, 0.0), link.st_mtime)
+    if stat.S_ISLNK(link.st_mode):
+        target = os.path.realpath(path)
+        if not _inside(target, walk.real_root) or not os.path.exists(target):
+            what = "a missing file or a link loop" if not os.path.exists(target) else "a file outside the input folder"
+            if by_name is None and not name.lower().endswith(dicom.DICOM_SUFFIXES):
+                walk.skip(rel, f"symbolic link to {what}: not followed")  # cannot tell if it is a scan without reading
+                return
+            kind = CT_VOLUME if by_name == "volume" else "image" if by_name == "image" else CT_SLICE
+            walk.unsettled_folders[folder] = f"{name} is a refused link"
+            walk.refuse(rel, kind, _link_sha(path, "symlink"), REJECTED, f"{name}: symbolic link to {what}, refused; "
+                        "copy the file into the folder instead of linking it")
+            return
+    try:
+        before = path.stat()
+    except OSError:
+        walk.skip(rel, "vanished while the folder was being listed; a later run looks again")
+        return
+    if not stat.S_ISREG(before.st_mode):
+        if by_name is not None or name.lower().endswith(dicom.DICOM_SUFFIXES):
+            walk.refuse(rel, CT_VOLUME if by_name == "volume" else "image", _link_sha(path, "special file"), REJECTED,
+                        f"{name}: not a regular file (a pipe, socket or device), refused; deliver scans as files")
+        return
+    is_dcm = by_name is None and dicom.is_dicom_file(path)
+    if by_name is None and not is_dcm:
+        return
+    kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else "image"
+    source = "nifti" if by_name == "volume" else "dicom" if is_dcm else "image"
+    age = walk.now - before.st_mtime
+    if walk.settle_seconds and 0 <= age < walk.settle_seconds:  # a future mtime (clock skew) counts as settled
+        walk.skip(rel, f"modified {age:.0f} s ago (under {walk.settle_seconds:.0f} s): may still be arriving; "
+                       "a later run scores it")
+        if is_dcm:
+            walk.unsettled_folders[folder] = f"{name} is still arriving"
+        return
+    try:
+        sha = sha256_file(path)
+    except OSError as exc:
+        if is_dcm:
+            walk.unsettled_folders[folder] = f"{name} cannot be read"
+        walk.refuse(rel, kind, "", ERROR, f"{name}: cannot be read ({exc.strerror}); "
+                                          "give the scoring user read access to it")
+        return
+    key = _stat_key(before)
+    try:
+        changed = _stat_key(path.stat()) != key
+    except OSError:
+        changed = True
+    if changed:
+        walk.skip(rel, "changed while being read: still being written; a later run scores it")
+        if is_dcm:
+            walk.unsettled_folders[folder] = f"{name} is still being written"
+        return
+    if source == "image":
+        kind = input_kind(path)
+    elif source == "dicom":
+        walk.dicom_files[path] = (sha, key)
+    walk.found.items.append(Item(rel, kind, source, (rel,), sha, (key,)))
+
+
+def _series_items(walk: _Walk) -> list[Item]:
+    """One ct_volume item per DICOM series of two or more slices (one slice alone is only a slice).
+    A folder with a slice still arriving or unreadable, or changed within the settling time, gets
+    no series this run: it is named in the skipped list and a later run assembles it."""
+    series, _unreadable = dicom.group_series(walk.dicom_files)  # unreadable headers: their slice rows say why
     items = []
     for s in series:
         if len(s.files) < 2:
             continue
-        rels = tuple(f.relative_to(root).as_posix() for f in s.files)
-        digest = sha256_bytes("\n".join(f"{r} {known[f][0]}" for r, f in zip(rels, s.files)).encode())
-        key = s.folder.relative_to(root).as_posix()
-        items.append(Item(key, CT_VOLUME, "dicom_series", rels, digest, tuple(known[f][1] for f in s.files),
+        key = s.folder.relative_to(walk.root).as_posix()
+        age = walk.now - walk.newest_mtime.get(s.folder, 0.0)
+        why = walk.unsettled_folders.get(s.folder) or (
+            f"the folder changed {age:.0f} s ago" if walk.settle_seconds and 0 <= age < walk.settle_seconds else "")
+        if why:
+            walk.skip(f"{key} (series {s.uid_hash})", f"DICOM series not assembled this run: {why}; "
+                                                      "a later run scores it")
+            continue
+        rels = tuple(f.relative_to(walk.root).as_posix() for f in s.files)
+        digest = sha256_bytes("\n".join(f"{r} {walk.dicom_files[f][0]}" for r, f in zip(rels, s.files)).encode())
+        items.append(Item(key, CT_VOLUME, "dicom_series", rels, digest, tuple(walk.dicom_files[f][1] for f in s.files),
                           series_uid_hash=s.uid_hash))
     return items
 
@@ -224,12 +296,12 @@ def items_for(bundle: ModelBundle, items: Iterable[Item]) -> list[Item]:
 
 # -------------------------------------------------------------------------------------------- reading
 def _check_unchanged(item: Item, root: Path) -> None:
-    for rel, stat in zip(item.files, item.stats):
+    for rel, then in zip(item.files, item.stats):
         try:
             now = _stat_key((root / rel).stat())
         except OSError:
             now = None
-        if now != tuple(stat):
+        if now != tuple(then):
             raise FileChanged(f"{rel}: changed or removed since it was hashed; a later run scores it")
 
 
@@ -283,6 +355,31 @@ def refused_rows(bundle: ModelBundle, items: Iterable[Item], reason: str) -> lis
     return [result_row(bundle, item, status=ERROR, error=reason) for item in items]
 
 
+def _failure_row(model: LoadedModel, item: Item, exc: Exception) -> dict[str, Any] | None:
+    """The row for an item that could not be loaded, or None if it is to be skipped this run.
+
+    ``rejected`` only when the content is at fault (it would fail again); the system's faults
+    (permissions, I/O, memory, the bundle) are ``error``, retried by the next run.
+    """
+    name = Path(item.key).name
+    if isinstance(exc, FileChanged):
+        return None
+    if isinstance(exc, InputError):
+        return result_row(model, item, status=REJECTED, error=str(exc))
+    if isinstance(exc, BundleInputError):
+        return result_row(model, item, status=ERROR, error=str(exc))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return result_row(model, item, status=ERROR, error=f"{name}: cannot be read ({exc.strerror}); check the "
+                          "file system and the scoring user's permissions")
+    if isinstance(exc, MemoryError):
+        return result_row(model, item, status=ERROR, error=f"{name}: out of memory while decoding; score it on a "
+                          "machine with more memory or with a smaller batch")
+    detail = str(exc).replace(str(item.key), name)
+    return result_row(model, item, status=REJECTED, error=(
+        f"{name}: cannot be decoded or preprocessed ({type(exc).__name__}: {detail}); re-export or re-transfer "
+        "the file"))
+
+
 def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_size: int = 8,
                 skipped: list[tuple[str, str]] | None = None) -> Iterator[list[dict[str, Any]]]:
     """Yield the rows of each batch (so a caller can commit them batch by batch). Items are read
@@ -314,20 +411,19 @@ def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_siz
         else:
             try:
                 pending.append((item, load_input(item, root, params)))
-            except FileChanged as exc:
-                log.warning("skipped: %s", exc)
-                if skipped is not None:
-                    skipped.append((item.key, str(exc)))
-            except InputError as exc:
-                out.append(result_row(model, item, status=REJECTED, error=str(exc)))
-            except (BundleInputError, OSError) as exc:  # permissions, I/O, the bundle: retried next run
-                out.append(result_row(model, item, status=ERROR, error=str(exc) if isinstance(
-                    exc, BundleInputError) else f"{Path(item.key).name}: cannot be read ({exc}); check the file "
-                    "system and permissions"))
-            except Exception as exc:  # noqa: BLE001 - one undecodable file must never end the night
-                out.append(result_row(model, item, status=REJECTED, error=(
-                    f"{Path(item.key).name}: cannot be decoded or preprocessed ({type(exc).__name__}: {exc}); "
-                    "re-export or re-transfer the file")))
+            except Exception as exc:  # noqa: BLE001 - one bad file must never end the night
+                failure: Exception = exc
+                try:
+                    _check_unchanged(item, root)  # a failure on a file that changed meanwhile says nothing of it
+                except FileChanged as changed:
+                    failure = changed
+                row = _failure_row(model, item, failure)
+                if row is not None:
+                    out.append(row)
+                else:
+                    log.warning("skipped: %s", failure)
+                    if skipped is not None:
+                        skipped.append((item.key, str(failure)))
         if len(pending) >= batch_size:
             flush()
         if len(out) >= batch_size:

@@ -47,7 +47,7 @@ def score_with_model(bundle_path: str, input_dir: str, output_dir: str, incoming
     ledger = Ledger(Path(output_dir))
     items = scoring.items_for(bundle, (scoring.Item.from_dict(d) for d in incoming["items"]))
     sha = bundle.card["onnx_sha256"]
-    done = ledger.done(sha, [(i.key, i.sha256) for i in items])
+    done = ledger.done(bundle.name, sha, [(i.key, i.sha256) for i in items])
     todo = [i for i in items if (i.key, i.sha256) not in done]
     counts = {"model": bundle.name, "version": bundle.version, "already_scored": len(items) - len(todo),
               "ok": 0, "rejected": 0, "error": 0, "skipped": []}

@@ -6,7 +6,10 @@ an InputError naming the file (or series folder), with a fix after the '; ', and
 
 from __future__ import annotations
 
+import logging
 import shutil
+import tracemalloc
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -293,6 +296,81 @@ def test_non_ct_and_non_slice_images(tmp_path: Path) -> None:
     _assert_names_and_fix(_slice_error(tiny), tiny, "too small", "full-resolution")
 
 
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make pydicom's decoding record the call and fail: the slice must be refused from its header alone."""
+    calls: list[str] = []
+
+    def pixel_array(ds: pydicom.Dataset) -> np.ndarray:
+        calls.append(str(ds.get("Rows")))
+        raise AssertionError("pixel data decoded")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(pixel_array))
+    return calls
+
+
+def test_oversized_slice_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny RLE file whose header claims 8000x8000 would make the decoder allocate rows*columns*bytes."""
+    path = write_series(_volume((40, 36, 1)), SPACING, tmp_path, transfer_syntax=RLELossless)[0]
+    _edit([path], lambda ds, _: (setattr(ds, "Rows", 8000), setattr(ds, "Columns", 8000)))
+    assert path.stat().st_size < 8192  # kilobytes on disk, 128 MB once decoded
+    calls = _no_decoding(monkeypatch)
+    tracemalloc.start()
+    try:
+        err = _slice_error(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not calls, "the oversized slice was handed to the decoder"
+    assert peak < 16 * 2**20, f"refusing the header peaked at {peak / 2**20:.1f} MiB"
+    msg = _assert_names_and_fix(err, path, "8000x8000", f"{dicom.MAX_SLICE_SIDE}x{dicom.MAX_SLICE_SIDE}",
+                                "16 bits", "downsample")
+    assert dicom.MAX_SLICE_SIDE == 4096
+    one_side = tmp_path / "wide"
+    wide = write_series(_volume((40, 36, 1)), SPACING, one_side)[0]
+    _edit([wide], lambda ds, _: setattr(ds, "Columns", dicom.MAX_SLICE_SIDE + 1))
+    _assert_names_and_fix(_slice_error(wide), wide, f"36x{dicom.MAX_SLICE_SIDE + 1}")
+    assert not calls and "8000x8000" in msg
+
+
+def test_oversized_series_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4097x4097 x 8 slices is under the volume limit, but no slice may exceed the side limit."""
+    side = dicom.MAX_SLICE_SIDE + 1
+    assert side * side * 8 < readers.MAX_VOLUME_VOXELS
+    paths = _write(tmp_path, (40, 36, 8), transfer_syntax=RLELossless)
+    _edit(paths, lambda ds, _: (setattr(ds, "Rows", side), setattr(ds, "Columns", side)))
+    series = _only_series(tmp_path)
+    calls = _no_decoding(monkeypatch)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as info:
+            read_series_hu(series)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not calls, "a slice of the oversized series was handed to the decoder"
+    assert peak < 16 * 2**20, f"the {side * side * 8 * 4 / 2**20:.0f} MiB volume was allocated ({peak / 2**20:.1f} MiB)"
+    msg = _assert_names_and_fix(info.value, tmp_path, f"{side}x{side}", "IM000001.dcm")
+    assert series.uid_hash in msg
+
+
+@pytest.mark.parametrize("bits", [1, 12, 64, None])
+def test_unsupported_bits_allocated_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            bits: int | None) -> None:
+    path = _write(tmp_path, (40, 36, 1))[0]
+
+    def change(ds: pydicom.Dataset, _: int) -> None:
+        if bits is None:
+            del ds.BitsAllocated
+        else:
+            ds.BitsAllocated = bits
+
+    _edit([path], change)
+    calls = _no_decoding(monkeypatch)
+    _assert_names_and_fix(_slice_error(path), path, f"BitsAllocated {bits if bits else 'missing'}",
+                          "8, 16 or 32", "re-export")
+    assert not calls
+
+
 def test_float_pixel_data_with_nan(tmp_path: Path) -> None:
     path = _write(tmp_path, (40, 36, 1))[0]
 
@@ -533,6 +611,49 @@ def test_no_patient_identifiers_in_errors(tmp_path: Path) -> None:
     for text in errors:
         assert uid not in text, text
     assert pydicom.dcmread(tmp_path / "mr" / "IM000003.dcm").PatientName == PHI[0]  # the PHI is in the files
+
+
+def test_pydicom_warnings_and_logs_never_carry_identifiers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom warns (and logs through its logger) about invalid values, quoting them: a SeriesInstanceUID
+    with an MRN in it, or the full path of a truncated file in a folder named after the patient. Reading
+    headers, grouping and reading series and slices emit no warning and no log record with them."""
+    secret = PHI[1]
+    uid = f"1.2.826.{secret}.DOE"  # not a valid UI: letters
+    folder = tmp_path / f"{secret}_{PHI[0]}"
+    with warnings.catch_warnings():  # the writer warns too, about the UID it was given
+        warnings.simplefilter("ignore")
+        paths = write_series(_volume((40, 36, 8)), SPACING, folder, series_uid=uid, patient_name=PHI[0],
+                             patient_id=secret)
+        _edit(paths, lambda ds, _: setattr(ds, "OtherPatientIDs", f"{secret}\\{secret}-OLD"))
+    cut = folder.parent / f"{secret}_cut" / "cut.dcm"
+    cut.parent.mkdir()
+    data = paths[0].read_bytes()
+    cut.write_bytes(data[: len(data) - 500])
+    validation_mode = pydicom.config.settings.reading_validation_mode
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="pydicom")
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        header = read_header(paths[0])
+        series, errors = group_series([*paths, cut])
+        volume = read_series_hu(series[0])[0]
+        hu = read_slice_hu(paths[1])
+        slice_to_rgb(paths[2], -600, 1500)
+        truncated = _slice_error(cut)
+    assert header.series_uid == uid and len(series) == 2 and not errors  # the values are still read ...
+    assert volume.shape == (40, 36, 8) and hu.shape == (36, 40)
+    assert "truncated" in str(truncated) and secret not in str(truncated)  # ... and truncation still detected
+    texts = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [t for t in texts if secret in t or PHI[0] in t], texts
+    # pydicom's settings are restored afterwards: its validation and its logger work as before
+    assert pydicom.config.settings.reading_validation_mode == validation_mode
+    assert logging.getLogger("pydicom").level == logging.DEBUG
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert str(pydicom.dcmread(paths[0]).SeriesInstanceUID) == uid
+    assert any(secret in str(w.message) for w in caught)  # pydicom itself still warns: the test is real
+    assert any(secret in r.getMessage() for r in caplog.records)
 
 
 def test_dicom_module_exports() -> None:

@@ -74,13 +74,13 @@ def ledger(tmp_path):
 # ------------------------------------------------------------------------------------- done/record
 def test_rerun_finds_items_done_and_changes_are_not(ledger):
     items = [(f"a{i}.png", f"sha{i}") for i in range(5)]
-    assert ledger.done("b1", items) == set()
+    assert ledger.done("hist", "b1", items) == set()
     assert ledger.record("run1", [row(p, s) for p, s in items]) == 5
-    assert ledger.done("b1", items) == set(items)
-    assert ledger.done("b1", iter(items)) == set(items)  # any iterable
-    assert ledger.done("b1", [("a0.png", "changed")]) == set()  # changed content
-    assert ledger.done("b2", items) == set()  # new model version (bundle)
-    assert ledger.done("b1", [("a0.png", "sha0"), ("new.png", "x")]) == {("a0.png", "sha0")}
+    assert ledger.done("hist", "b1", items) == set(items)
+    assert ledger.done("hist", "b1", iter(items)) == set(items)  # any iterable
+    assert ledger.done("hist", "b1", [("a0.png", "changed")]) == set()  # changed content
+    assert ledger.done("hist", "b2", items) == set()  # new model version (bundle)
+    assert ledger.done("hist", "b1", [("a0.png", "sha0"), ("new.png", "x")]) == {("a0.png", "sha0")}
 
 
 def test_done_key_is_recorded_once(ledger):
@@ -93,7 +93,8 @@ def test_done_key_is_recorded_once(ledger):
 
 def test_error_rows_are_retried_and_superseded(ledger):
     assert ledger.record("run1", [row("a.png", status="error"), row("bad.png", status="rejected")]) == 2
-    assert ledger.done("b1", [("a.png", "sha-a.png"), ("bad.png", "sha-bad.png")]) == {("bad.png", "sha-bad.png")}
+    items = [("a.png", "sha-a.png"), ("bad.png", "sha-bad.png")]
+    assert ledger.done("hist", "b1", items) == {("bad.png", "sha-bad.png")}
     night1 = read_csv(ledger.publish("run1", "n1"))
     assert [(r["relative_path"], r["status"]) for r in night1] == [("a.png", "error"), ("bad.png", "rejected")]
     assert ledger.record("run2", [row("a.png", status="error")]) == 1  # retried, failed again
@@ -116,6 +117,71 @@ def test_killed_run_error_and_retry_are_not_both_published(ledger):
     assert sorted((r["relative_path"], r["status"], r["run_id"]) for r in night) == [
         ("a.png", "error", "run2"), ("u.png", "ok", "run2")]
     assert ledger.counts()["superseded"] == 2
+
+
+def test_error_row_of_one_series_survives_another_series_in_the_same_folder(ledger):
+    """Two DICOM series in one folder share relative_path (the folder) and differ by file_sha256: one
+    series' row is no later attempt at the other, in the night CSV nor in the cumulative one."""
+    a = row("dicom/study1", "sha-series-a", status="error", item_kind="dicom_series", series_uid_hash="aaa")
+    b = row("dicom/study1", "sha-series-b", item_kind="dicom_series", series_uid_hash="bbb")
+    assert ledger.record("run1", [a, b]) == 2
+    night1 = read_csv(ledger.publish("run1", "n1"))
+    assert sorted((r["series_uid_hash"], r["status"]) for r in night1) == [("aaa", "error"), ("bbb", "ok")]
+    assert ledger.counts()["superseded"] == 0
+    # published on different nights: series B's later row does not hide series A's error in the cumulative CSV
+    assert ledger.record("run2", [row("dicom/study1", "sha-series-b", bundle="b2", item_kind="dicom_series",
+                                      series_uid_hash="bbb")]) == 1
+    assert ledger.record("run2", [row("dicom/study2", "sha-series-c", bundle="b2", status="error")]) == 1
+    ledger.publish("run2", "n2")
+    assert ledger.record("run3", [row("dicom/study2", "sha-series-d", bundle="b2")]) == 1
+    ledger.publish("run3", "n3")
+    cumulative = read_csv(ledger.write_cumulative())
+    assert sorted((r["relative_path"], r["file_sha256"], r["bundle_sha256"], r["status"]) for r in cumulative) == [
+        ("dicom/study1", "sha-series-a", "b1", "error"), ("dicom/study1", "sha-series-b", "b1", "ok"),
+        ("dicom/study1", "sha-series-b", "b2", "ok"), ("dicom/study2", "sha-series-c", "b2", "error"),
+        ("dicom/study2", "sha-series-d", "b2", "ok")]
+    # the same series retried still replaces its own error, on the same night and in the cumulative CSV
+    assert ledger.record("run4", [a]) == 1
+    assert ledger.record("run5", [{**a, "status": "ok", "error": "", "prob_aca": 0.5}]) == 1
+    assert [(r["status"], r["run_id"]) for r in read_csv(ledger.publish("run5", "n5"))] == [("ok", "run5")]
+    cumulative = read_csv(ledger.write_cumulative())
+    assert [(r["status"], r["run_id"]) for r in cumulative if r["file_sha256"] == "sha-series-a"] == [("ok", "run5")]
+
+
+def test_two_models_with_identical_onnx_files_are_done_separately(ledger):
+    """The done key includes the model: byte-identical ONNX files (same bundle_sha256) of two models
+    do not make one model's rows count as the other's."""
+    items = [("ct/a.png", "sha-a"), ("ct/b.png", "sha-b")]
+    same_onnx = "identical-onnx-sha"
+    assert ledger.record("run1", [row(p, s, bundle=same_onnx, model="chest-cnn") for p, s in items]) == 2
+    assert ledger.done("chest-cnn", same_onnx, items) == set(items)
+    assert ledger.done(model="chest-resnet50", bundle_sha256=same_onnx, items=items) == set()
+    assert ledger.record("run1", [row(p, s, bundle=same_onnx, model="chest-resnet50") for p, s in items]) == 2
+    assert ledger.done("chest-resnet50", same_onnx, items) == set(items)
+    # an error of the second model is not dropped as 'already done' by the first model's ok row
+    assert ledger.record("run2", [row("ct/c.png", "sha-c", bundle=same_onnx, model="chest-cnn")]) == 1
+    assert ledger.record("run2", [row("ct/c.png", "sha-c", bundle=same_onnx, model="chest-resnet50",
+                                      status="error")]) == 1
+    night = read_csv(ledger.publish("run2", "n1"))
+    assert sorted((r["model"], r["relative_path"], r["status"]) for r in night) == [
+        ("chest-cnn", "ct/a.png", "ok"), ("chest-cnn", "ct/b.png", "ok"), ("chest-cnn", "ct/c.png", "ok"),
+        ("chest-resnet50", "ct/a.png", "ok"), ("chest-resnet50", "ct/b.png", "ok"),
+        ("chest-resnet50", "ct/c.png", "error")]
+    assert ledger.record("run3", [row("ct/a.png", "sha-a", bundle=same_onnx, model="chest-cnn")]) == 0  # still once
+
+
+def test_schema_1_ledger_is_migrated_to_the_model_aware_done_key(tmp_path):
+    out = tmp_path / "out"
+    with Ledger(out) as led:  # make it look like a ledger written by schema 1 (done key without the model)
+        led._conn.executescript(
+            "DROP INDEX rows_done_key; DROP INDEX rows_attempt; "
+            "CREATE UNIQUE INDEX rows_done_key ON rows(relative_path, file_sha256, bundle_sha256) WHERE done = 1; "
+            "CREATE INDEX rows_attempt ON rows(relative_path, bundle_sha256, model); PRAGMA user_version = 1;")
+        led.record("run1", [row("a.png", model="m1")])
+    with Ledger(out) as led:
+        assert led._conn.execute("PRAGMA user_version").fetchone()[0] == ledger_mod._SCHEMA_VERSION
+        assert led.record("run2", [row("a.png", model="m2"), row("a.png", model="m1")]) == 1
+        assert led.done("m2", "b1", [("a.png", "sha-a.png")]) == {("a.png", "sha-a.png")}
 
 
 def test_record_rejects_malformed_rows(ledger):
@@ -226,7 +292,7 @@ def test_crash_between_claim_and_csv_is_recovered(tmp_path):
 
     with Ledger(out) as second:  # the rerun: scores what is not done, then publishes
         items = [(f"a{i}.png", f"sha-a{i}.png") for i in range(6)]
-        todo = [it for it in items if it not in second.done("b1", items)]
+        todo = [it for it in items if it not in second.done("hist", "b1", items)]
         assert todo == items[4:]
         second.record("run2", [row(p, s) for p, s in todo])
         night2 = second.publish("run2", "n2")
@@ -260,7 +326,7 @@ def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
         out, run = sys.argv[1], sys.argv[2]
         items = [(f"f{i:03d}.png", f"sha{i}") for i in range(60)]
         with scoring_lock(out, timeout=30, poll=0.05), Ledger(out) as led:
-            done = led.done("b1", items)
+            done = led.done("m", "b1", items)
             todo = [it for it in items if it not in done]
             for start in range(0, len(todo), 10):
                 led.record(run, [{"relative_path": p, "file_sha256": s, "model": "m", "model_version": "1",
@@ -348,6 +414,25 @@ def test_publish_removes_temp_files_left_by_a_killed_writer(ledger):
     assert not stale.exists() and live.exists()
 
 
+def test_publish_removes_old_temp_files_even_if_their_pid_is_reused(ledger):
+    """In a container PIDs restart: a writer killed an hour ago may have had the pid of a process alive
+    now (here our own). Under the scoring lock an hour-old temp file is stale whatever its pid says."""
+    out = ledger.output_dir
+    reused = out / f".scores-n1.csv.{os.getpid()}.abc123.tmp"
+    reused_cumulative = out / f".{CUMULATIVE_NAME}.1.xyz789.tmp"  # pid 1: always alive in a container
+    fresh = out / f".scores-n1.csv.{os.getpid()}.def456.tmp"  # a writer still at work
+    unrelated = out / ".notes.txt.1.abc.tmp"  # not a temp file of ours, whatever its age
+    hour_ago = time.time() - 3700
+    for path in (reused, reused_cumulative, fresh, unrelated):
+        path.write_text("relative_path\npartial")
+    for path in (reused, reused_cumulative, unrelated):
+        os.utime(path, (hour_ago, hour_ago))
+    with scoring_lock(out):
+        ledger.publish("run1", "n1")
+    assert not reused.exists() and not reused_cumulative.exists()
+    assert fresh.exists() and unrelated.exists()
+
+
 # ------------------------------------------------------------------------------------------ scale
 def test_100k_rows_stream_through(tmp_path):
     out = tmp_path / "out"
@@ -359,7 +444,7 @@ def test_100k_rows_stream_through(tmp_path):
                      "prob_x": 0.75, "prob_y": 0.25} for i in range(start, start + batch)]
             assert led.record("run1", rows) == batch
         items = ((f"d{i // 1000}/f{i}.png", f"{i:064x}") for i in range(n))
-        assert len(led.done("b1", items)) == n
+        assert len(led.done("m", "b1", items)) == n
         night = led.publish("run1", "big")
         tracemalloc.start()
         try:
@@ -436,7 +521,7 @@ CONCURRENT_RUN = textwrap.dedent("""
     out, run, use_lock = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     items = [(f"scan_{i:03d}.png", f"sha{i}") for i in range(200)]
     with Ledger(out) as led, (scoring_lock(out, timeout=60, poll=0.05) if use_lock else nullcontext()):
-        todo = [it for it in items if it not in led.done("b1", items)]
+        todo = [it for it in items if it not in led.done("m", "b1", items)]
         for start in range(0, len(todo), 25):
             led.record(run, [{"relative_path": p, "file_sha256": s, "model": "m", "model_version": "1",
                               "bundle_sha256": "b1", "status": "ok", "prob_x": 0.5}

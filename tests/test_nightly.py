@@ -315,12 +315,20 @@ def test_dicom_series_and_the_same_volume_as_nifti_score_the_same(factory, tmp_p
     files = _series(folder / "patient" / "series", 11)
     volume, spacing, affine = dicom.read_series_hu(dicom.group_series(files)[0][0])
     nib.save(nib.Nifti1Image(volume, affine), str(folder / "same.nii.gz"))
+    # The same scan stored left-right and front-back mirrored (LPS order, as many converters write it):
+    # the affine says so, and the reader's reorientation must undo it.
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(volume.shape[:2]) - 1
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(volume[::-1, ::-1]), affine @ flip), str(folder / "lps.nii.gz"))
+    assert nib.aff2axcodes(nib.load(str(folder / "lps.nii.gz")).affine) == ("L", "P", "S")
     df = _run(factory, folder, tmp_path / "out", settle_seconds=0, models=["mosmed-3dcnn"])
-    assert set(df.status) == {"ok"} and len(df) == 2
-    series, nifti = df[df.item_kind == "dicom_series"].iloc[0], df[df.item_kind == "nifti"].iloc[0]
+    assert set(df.status) == {"ok"} and len(df) == 3
+    series = df[df.item_kind == "dicom_series"].iloc[0]
     assert series.relative_path == "patient/series" and len(series.series_uid_hash) == 16
-    for c in ("normal", "abnormal"):
-        assert abs(float(series[f"prob_{c}"]) - float(nifti[f"prob_{c}"])) < 1e-6
+    for name in ("same.nii.gz", "lps.nii.gz"):
+        nifti = df[df.relative_path == name].iloc[0]
+        for c in ("normal", "abnormal"):
+            assert abs(float(series[f"prob_{c}"]) - float(nifti[f"prob_{c}"])) < 1e-6, name
 
 
 def test_real_dicom_series_and_slices_are_scored(factory, tmp_path, shared_data):
@@ -360,7 +368,7 @@ def test_discovery_skips_a_file_that_grows_while_it_is_hashed(tmp_path, monkeypa
     assert [i.key for i in scoring.discover(folder).items] == [path.name]
 
 
-def test_an_unreadable_file_is_an_error_row_and_its_neighbours_are_scored():
+def test_an_unreadable_file_is_an_error_row_and_its_neighbours_are_scored(factory):
     """Permissions: run discovery as an unprivileged user (root reads everything)."""
     base = Path(tempfile.mkdtemp(prefix="lung-perm-"))
     try:
@@ -380,6 +388,16 @@ def test_an_unreadable_file_is_an_error_row_and_its_neighbours_are_scored():
         assert by_key["readable.png"].sha256 and not by_key["readable.png"].refusal
         assert by_key["locked.png"].refusal_status == "error"
         assert "locked.png" in by_key["locked.png"].refusal and "read access" in by_key["locked.png"].refusal
+        # The rows a model writes for them: the neighbour is scored, the locked file is an error row
+        # (retried next night), and the ledger takes both.
+        os.chmod(locked, 0o644)  # (scoring itself runs as root here; the refusal was decided above)
+        model = scoring.open_model(load_bundle(factory["bundles"]["chest-cnn"]))
+        rows = [r for batch in scoring.score_items(model, found.items, folder) for r in batch]
+        assert {(r["relative_path"], r["status"]) for r in rows} == {("readable.png", "ok"), ("locked.png", "error")}
+        from lung_models.ledger import Ledger
+
+        with Ledger(base / "out") as ledger:
+            assert ledger.record("run", rows) == 2
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -472,8 +490,12 @@ def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(fa
     files[5].unlink()  # a bad series too: its error message must not leak identifiers either
     out = tmp_path / "out"
     models = ("lc25000-cnn", "chest-cnn", "mosmed-3dcnn")
+    started = time.time()
     procs = [_score_process(folder, out, factory["exports"], tmp_path / f"home{i}", *models) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
+    # They did overlap: both were started before either could have published (a run takes seconds).
+    first_published = min(p.stat().st_mtime for p in out.glob("scores-2*.csv"))
+    assert first_published - started > 3
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     nights = _all_night_rows(out)
     cumulative = pd.read_csv(out / "scores-cumulative.csv", keep_default_na=False)
@@ -489,3 +511,62 @@ def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(fa
     ledger_bytes = (out / "ledger.sqlite3").read_bytes().decode("latin-1")
     for secret in (*PHI, uid):
         assert secret not in outputs and secret not in ledger_bytes, secret
+
+
+# ------------------------------------------------------------------ discovery and reading edge cases
+def test_a_series_with_a_slice_still_arriving_is_not_assembled_until_it_is_complete(factory, tmp_path):
+    folder = tmp_path / "in"
+    files = _series(folder / "series", 13)
+    _age_everything(folder)
+    os.utime(files[-1], None)  # the last slice landed just now
+    out = tmp_path / "out"
+    first = _run(factory, folder, out, settle_seconds=30, models=["mosmed-3dcnn", "chest-cnn"])
+    assert "mosmed-3dcnn" not in set(first.model)  # no volume from a series that is still arriving
+    assert len(first) == len(files) - 1 and set(first.status) == {"ok"}  # the settled slices are scored
+    _age_everything(folder)
+    second = _run(factory, folder, out, settle_seconds=30, models=["mosmed-3dcnn", "chest-cnn"])
+    assert sorted(second.model) == ["chest-cnn", "mosmed-3dcnn"] and set(second.status) == {"ok"}
+
+
+def test_a_file_that_changes_while_it_is_decoded_is_skipped_not_rejected(factory, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    path = _png(folder / "s.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
+    items = scoring.discover(folder).items
+    real = scoring.read_rgb_image
+
+    def cut_then_read(p):
+        p.write_bytes(p.read_bytes()[:100])  # the transfer rewrites the file under us
+        return real(p)
+
+    monkeypatch.setattr(scoring, "read_rgb_image", cut_then_read)
+    model = scoring.open_model(load_bundle(factory["bundles"]["chest-cnn"]))
+    skipped: list = []
+    rows = [r for batch in scoring.score_items(model, items, folder, skipped=skipped) for r in batch]
+    assert rows == [] and skipped[0][0] == "s.png" and "changed" in skipped[0][1]
+    assert path.stat().st_size == 100
+
+
+def test_links_loops_and_pipes_never_hang_or_crash_the_night(factory, tmp_path):
+    import threading
+
+    folder = tmp_path / "in"
+    _png(folder / "good.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
+    (folder / "dangling.png").symlink_to(folder / "gone.png")
+    (folder / "loop_a.dcm").symlink_to(folder / "loop_b.dcm")
+    (folder / "loop_b.dcm").symlink_to(folder / "loop_a.dcm")
+    (folder / "inside_link.png").symlink_to(folder / "good.png")
+    os.mkfifo(folder / "pipe.dcm")
+    os.mkfifo(folder / "extensionless_pipe")
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(found=scoring.discover(folder)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert "found" in result, "discovery blocked (on a pipe?)"
+    items = {i.key: i for i in result["found"].items}
+    assert set(items) == {"good.png", "inside_link.png", "dangling.png", "loop_a.dcm", "loop_b.dcm", "pipe.dcm"}
+    for key in ("dangling.png", "loop_a.dcm", "loop_b.dcm", "pipe.dcm"):
+        assert items[key].refusal_status == "rejected" and key in items[key].refusal and items[key].sha256
+    df = _run(factory, folder, tmp_path / "out", settle_seconds=0, models=["chest-cnn"])
+    assert dict(zip(df.relative_path, df.status)) == {"good.png": "ok", "inside_link.png": "ok", "dangling.png":
+                                                      "rejected", "loop_a.dcm": "rejected", "loop_b.dcm": "rejected",
+                                                      "pipe.dcm": "rejected"}

@@ -8,7 +8,9 @@ what the 3-D model sees (a float32 HU volume in the same closest-canonical RAS l
 As in :mod:`lung_models.data.readers`, every bad input is an :class:`InputError` whose message names the file
 (or the series folder), says what is wrong and what to do, so that a scoring run can report it and go on.
 Messages never carry patient identifiers: files are named by file name, series by ``uid_hash`` (a hash of the
-SeriesInstanceUID), and nothing is copied from PatientName, PatientID, dates or other header text.
+SeriesInstanceUID), and nothing is copied from PatientName, PatientID, dates or other header text. Nor do pydicom's
+own warnings and log records, which quote invalid values and full paths: every read in this module runs with them
+silenced (``_quiet_pydicom``).
 
 Decoding is pydicom's: uncompressed and RLE data always work, JPEG and JPEG 2000 through Pillow, anything else
 (JPEG-LS, lossless JPEG process 14, ...) needs a pydicom decoder plugin (pylibjpeg-*, gdcm or pyjpegls).
@@ -17,16 +19,20 @@ Decoding is pydicom's: uncompressed and RLE data always work, JPEG and JPEG 2000
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.config
 from nibabel import orientations
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -49,6 +55,12 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 MIN_SERIES_SLICES = 8  # fewer slices than this cannot be a volume for the 3-D model
 
 MIN_SLICE_SIZE = 32  # a smaller image is an icon or a localiser fragment, not a CT slice
+# Decoding allocates rows * columns * BitsAllocated/8 bytes whatever the file size: a kilobyte RLE file claiming
+# 65535x65535 would take 8.6 GB and can get the nightly run OOM-killed. CT is reconstructed at 512x512 (at most
+# 1024 or 2048 for high-resolution and micro-CT), so 4096 a side is ample; the worst accepted slice then decodes
+# to 64 MiB (32 bits) and about 256 MiB with its float64/float32 HU copies.
+MAX_SLICE_SIDE = 4096
+BITS_ALLOCATED = (8, 16, 32)  # what a CT slice is stored in (32: float or 32-bit integer pixel data)
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines: unit length, perpendicular, equal between slices
 SAME_POSITION_MM = 0.01  # two slices closer than this along the normal are at the same position
 GAP_TOLERANCE = 0.10  # relative agreement of each slice gap with the median gap ...
@@ -59,6 +71,42 @@ _BLANK_UID_KEY = "frame-of-reference:"  # grouping key prefix for anonymised sli
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _RETRANSFER = "re-transfer the file from its source (PACS or scanner export)"
 _UNCOMPRESSED = "re-export it uncompressed (Explicit VR Little Endian)"
+
+
+_pydicom_logger = logging.getLogger("pydicom")
+_quiet_lock = threading.Lock()
+_quiet_depth = 0  # nesting (and threads) of _quiet_pydicom; pydicom's settings are restored when it drops to 0
+_quiet_saved: tuple[int, int] = (pydicom.config.WARN, logging.NOTSET)
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's value validation, its warnings and its logger below ERROR for the duration.
+
+    pydicom quotes invalid values (``Invalid value for VR UI: '1.2.826.MRN12345...'``) and full file paths (which
+    may name the patient) in warnings it also logs through the 'pydicom' logger, so they would reach stderr and
+    the run logs. Every dataset read and value access of this module runs inside this. Warnings recorded by a
+    nested ``catch_warnings(record=True)`` (the truncation check of ``_read_dataset``) are still seen there.
+    The settings are process-wide: the first of nested or concurrent users saves them, the last restores them.
+    (``catch_warnings`` itself is not thread-safe: under threads another thread's warnings may be hidden too.)
+    """
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = (pydicom.config.settings.reading_validation_mode, _pydicom_logger.level)
+            pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+            _pydicom_logger.setLevel(max(logging.ERROR, _pydicom_logger.getEffectiveLevel()))
+        _quiet_depth += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                pydicom.config.settings.reading_validation_mode, level = _quiet_saved
+                _pydicom_logger.setLevel(level)
 
 
 class _Problem(Exception):
@@ -130,7 +178,7 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
     # hands back a partial or empty dataset: record the warnings to call that what it is, a truncated file.
     # (catch_warnings is process-global: under threads a warning may be missed, and the empty or partial
     # dataset is then still refused below or by the missing-element checks, with a less precise message.)
-    with warnings.catch_warnings(record=True) as caught:
+    with _quiet_pydicom(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             try:
@@ -223,6 +271,7 @@ def _header(path: Path, ds: Dataset) -> DicomHeader:
     )
 
 
+@_quiet_pydicom()
 def read_header(path: Path) -> DicomHeader:
     """The slice's geometry and identity from its header alone (no pixel data), e.g. to group and sort a series."""
     path = Path(path)
@@ -241,8 +290,18 @@ def _syntax_name(uid: UID) -> str:
     return f"'{uid.name}' ({uid})" if uid.name != str(uid) else f"{uid} (unknown)"
 
 
+def _check_side(rows: int | None, columns: int | None, bits: str = "") -> None:
+    """Refuse a slice larger than MAX_SLICE_SIDE either way (from the header: before anything is decoded)."""
+    if max(rows or 0, columns or 0) > MAX_SLICE_SIDE:
+        size = f"{rows}x{columns} pixels" + (f" of {bits}" if bits else "")
+        raise _Problem(f"image header claims {size}, larger than the {MAX_SLICE_SIDE}x{MAX_SLICE_SIDE} a CT slice "
+                       "can be (refused before decoding: it could exhaust the memory)",
+                       "check that it is a CT slice and not a scanned film, photo or stitched image; a genuine "
+                       f"larger slice must be downsampled to at most {MAX_SLICE_SIDE}x{MAX_SLICE_SIDE} before scoring")
+
+
 def _check_image_header(ds: Dataset) -> None:
-    """Refuse from the header what cannot be a single CT slice, before spending time on decoding."""
+    """Refuse from the header what cannot be a single CT slice, before spending time (and memory) on decoding."""
     modality = _text(ds, "Modality").upper()
     if modality and modality != "CT":
         raise _Problem(f"modality {modality[:16]!r} is not CT",
@@ -258,6 +317,11 @@ def _check_image_header(ds: Dataset) -> None:
     if samples != 1:
         raise _Problem(f"colour image ({samples} samples per pixel, {_text(ds, 'PhotometricInterpretation')[:16]})",
                        "send the original greyscale CT slice, not a screenshot or secondary capture")
+    bits = _int(ds, "BitsAllocated")
+    if bits not in BITS_ALLOCATED:
+        raise _Problem(f"BitsAllocated {bits if bits is not None else 'missing'}: pixel data are not stored in "
+                       "8, 16 or 32 bits, as CT slices are", "re-export the slice from the scanner or PACS")
+    _check_side(_int(ds, "Rows"), _int(ds, "Columns"), f"{bits} bits")
 
 
 def _decode(ds: Dataset, path: Path) -> np.ndarray:
@@ -320,6 +384,7 @@ def _slice_hu(path: Path) -> np.ndarray:
     return hu
 
 
+@_quiet_pydicom()
 def read_slice_hu(path: Path) -> np.ndarray:
     """float32 (rows, columns) in Hounsfield units: pixel_array * RescaleSlope + RescaleIntercept (defaults 1, 0).
 
@@ -395,6 +460,7 @@ def _series_key(ds: Dataset) -> str:
     return f"{_BLANK_UID_KEY}{frame}" + (f"/{number}" if number else "")
 
 
+@_quiet_pydicom()
 def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, InputError]]:
     """Group DICOM files by (parent folder, SeriesInstanceUID), reading headers only.
 
@@ -474,6 +540,10 @@ def _check_orientation(headers: Sequence[DicomHeader]) -> tuple[np.ndarray, np.n
 def _check_sizes(headers: Sequence[DicomHeader]) -> tuple[int, int]:
     first = headers[0]
     size = (first.rows or 0, first.columns or 0)
+    try:
+        _check_side(*size)
+    except _Problem as p:
+        raise _Problem(f"{first.path.name}: {p.problem}", p.fix) from None
     other = [h for h in headers if (h.rows, h.columns) != size]
     if other:
         raise _Problem(f"mixed image sizes: {first.path.name} is {size[0]}x{size[1]} but {other[0].path.name} is "
@@ -555,6 +625,7 @@ def _series_problem(series: DicomSeries, problem: str, fix: str) -> InputError:
     return InputError(series.folder, f"series {series.uid_hash}: {problem}", fix)
 
 
+@_quiet_pydicom()
 def read_series_hu(series: DicomSeries) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Assemble the series into (volume float32 HU shaped (x, y, z), spacing mm (x, y, z), 4x4 RAS affine).
 

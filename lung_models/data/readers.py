@@ -66,18 +66,27 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
         raise InputError(path, "not a readable image (unknown or corrupt format)",
                          "check the file is a PNG/JPEG/TIFF and re-transfer it") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(path, f"image too large to be a scan or tile ({exc})",
+        raise InputError(path, f"image too large to be a scan or tile ({_detail(exc, path)})",
                          "crop or downsample it before scoring") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(path, f"image is truncated or corrupt ({exc})",
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the file system's fault (permissions, I/O), not the image's: the caller retries later
+        raise InputError(path, f"image is truncated or corrupt ({_detail(exc, path)})",
                          "re-transfer the file from its source") from None
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any other decoder failure is still this file's problem
-        raise InputError(path, f"image cannot be decoded ({type(exc).__name__}: {exc})",
+        raise InputError(path, f"image cannot be decoded ({type(exc).__name__}: {_detail(exc, path)})",
                          "re-export the image as PNG or JPEG") from None
 
 
 def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a 3-D NIfTI CT volume: (float32 HU array (x, y, z), voxel spacing in mm)."""
+    """Read a 3-D NIfTI CT volume: (float32 HU array (x, y, z), voxel spacing in mm).
+
+    The array is reoriented to the closest canonical (RAS) axes, as DICOM series are, so that a
+    scan scores the same whichever format and storage order it arrives in. (The MosMedData
+    write-up feeds the stored array as is; for files already stored RAS, like the generated ones,
+    this is the same.)"""
     import nibabel as nib
 
     path = Path(path)
@@ -86,9 +95,13 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
-    except Exception as exc:  # nibabel raises many types for bad headers
-        detail = str(exc).replace(str(path), path.name)  # no folder names above the input folder in reports
-        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {detail})",
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the file system's fault (permissions, I/O), not the volume's: the caller retries later
+        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {_detail(exc, path)})",
+                         "re-export the volume as .nii/.nii.gz") from None
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad headers
+        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {_detail(exc, path)})",
                          "re-export the volume as .nii/.nii.gz") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -106,9 +119,20 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise InputError(path, f"invalid voxel spacing {spacing} mm (zero, negative or not a number)",
                          "fix pixdim in the NIfTI header (re-export the volume with its real voxel size)")
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except Exception as exc:
-        raise InputError(path, f"voxel data unreadable or truncated ({type(exc).__name__}: {exc})",
+        if len(img.shape) == 4:
+            img = img.slicer[..., 0]
+        img = nib.as_closest_canonical(img)
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+    except MemoryError:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise InputError(path, f"voxel data unreadable or truncated ({type(exc).__name__}: {_detail(exc, path)})",
+                         "re-transfer the file from its source") from None
+    except Exception as exc:  # noqa: BLE001 - a broken stream or affine is this file's problem
+        raise InputError(path, f"voxel data unreadable or truncated ({type(exc).__name__}: {_detail(exc, path)})",
                          "re-transfer the file from its source") from None
     if not np.isfinite(data).all():
         raise InputError(path, "volume contains NaN or infinite voxels", "re-export the volume")
@@ -137,3 +161,12 @@ def _stored_spacing(path: Path, img) -> tuple[float, ...]:
         return tuple(float(z) for z in raw["pixdim"][1:4])
     except Exception:  # noqa: BLE001 - the header already parsed once: fall back to what nibabel made of it
         return tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def _detail(exc: BaseException, path: Path) -> str:
+    """An exception's text with the file's full path cut to its name: reports name files relative
+    to the input folder, never by the folders above it."""
+    text = str(exc)
+    for full in {str(path), str(path.resolve()), str(path.absolute())}:
+        text = text.replace(full, path.name)
+    return text
