@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _CHUNK = 1 << 20
 
@@ -25,18 +27,24 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that no reader ever sees a partial file.
+@contextmanager
+def atomic_writer(path: str | os.PathLike, binary: bool = False, encoding: str = "utf-8",
+                  newline: str = "") -> Iterator[IO[Any]]:
+    """Yield a handle on a temp file beside ``path``; on success flush, fsync, rename it over
+    ``path`` and fsync the directory; on any failure remove the temp file and re-raise.
 
-    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the
-    temporary file is renamed over the target (atomic on POSIX).
+    Readers see the old file (or none) or the whole new one, never a partial file. The temp name
+    carries the writer's pid (``.<name>.<pid>.<random>.tmp``) so a later run can tell a killed
+    writer's leftover from a live one. Unlike a bare ``mkstemp`` file (mode 0600), the result gets
+    the usual 0666 & ~umask, so ops staff can read reports.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding, newline=newline)) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -44,7 +52,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file (see :func:`atomic_writer`)."""
+    with atomic_writer(path, binary=True) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -66,3 +80,13 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022

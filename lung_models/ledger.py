@@ -55,16 +55,15 @@ import os
 import re
 import socket
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from lung_models.fileutil import _fsync_dir
+from lung_models.fileutil import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ _SCHEMA_VERSION = 2
 _REBUILT_INDEXES = {1: ("rows_done_key", "rows_attempt")}  # by the version they are rebuilt from
 _DONE_CHUNK = 400  # (path, sha) pairs per query: 802 parameters, far below SQLite's limit
 STALE_TEMP_SECONDS = 3600  # a CSV temp file untouched this long is a dead writer's (writers rewrite it within seconds)
-# atomic_text_writer's temp names for our CSVs: .<name>.csv.<pid>.<mkstemp's random part>.tmp
+# fileutil.atomic_writer's temp names for our CSVs: .<name>.csv.<pid>.<mkstemp's random part>.tmp
 _TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 _STAMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -229,42 +228,6 @@ def scoring_lock(output_dir: str | os.PathLike, timeout: float = 6 * 3600, poll:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-# ------------------------------------------------------------------------------------ atomic writes
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-@contextmanager
-def atomic_text_writer(path: str | os.PathLike, encoding: str = "utf-8", newline: str = "") -> Iterator[TextIO]:
-    """Yield a text handle on a temp file beside ``path``; on success flush, fsync, rename it over
-    ``path`` and fsync the directory; on any failure remove the temp file and re-raise.
-
-    Readers see the old file (or none) or the whole new one, never a partial file. Unlike a bare
-    ``mkstemp`` file (mode 0600), the result gets the usual 0666 & ~umask so ops staff can read it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid in the temp name lets a later run tell a killed writer's leftover from a live one
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding=encoding, newline=newline) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -529,7 +492,7 @@ class Ledger:
 
     @staticmethod
     def _write_csv(path: Path, header: list[str], rows: sqlite3.Cursor) -> Path:
-        with closing(rows), atomic_text_writer(path) as handle:  # closing: never leave a read open
+        with closing(rows), atomic_writer(path) as handle:  # closing: never leave a read open
             writer = csv.DictWriter(handle, fieldnames=header, restval="", extrasaction="ignore")
             writer.writeheader()
             for run_id, row_json in rows:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lung_models import fileutil
 from lung_models import ledger as ledger_mod
+from lung_models.fileutil import atomic_writer
 from lung_models.ledger import (
     CUMULATIVE_NAME,
     LEAD_COLUMNS,
@@ -24,7 +26,6 @@ from lung_models.ledger import (
     TAIL_COLUMNS,
     Ledger,
     ScoringLockTimeout,
-    atomic_text_writer,
     scoring_lock,
 )
 
@@ -358,19 +359,19 @@ def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- atomicity
-def test_atomic_text_writer_keeps_old_file_on_failure(tmp_path):
+def test_atomic_writer_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "report.csv"
     target.write_text("old,complete\n")
     with pytest.raises(RuntimeError, match="boom"):
-        with atomic_text_writer(target) as fh:
+        with atomic_writer(target) as fh:
             fh.write("new,partial\n" * 1000)
             raise RuntimeError("boom")
     assert target.read_text() == "old,complete\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]
-    with atomic_text_writer(target) as fh:
+    with atomic_writer(target) as fh:
         fh.write("new\n")
     assert target.read_text() == "new\n"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~ledger_mod._umask()  # not mkstemp's 0600
+    assert target.stat().st_mode & 0o777 == 0o666 & ~fileutil._umask()  # not mkstemp's 0600
 
 
 def test_csv_never_observed_partial(ledger, monkeypatch):
