@@ -234,8 +234,10 @@ def test_garbage_empty_and_missing_files(tmp_path: Path) -> None:
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
     _assert_names_and_fix(_slice_error(empty), empty, "empty file", "re-")
-    missing = tmp_path / "gone.dcm"
-    _assert_names_and_fix(_slice_error(missing), missing, "cannot be opened")
+    # A missing or unreadable file is the system's problem, not the content's: an OSError for the
+    # caller to report as an error (retried), not an InputError (a rejected file).
+    with pytest.raises(FileNotFoundError):
+        read_slice_hu(tmp_path / "gone.dcm")
 
 
 def test_truncated_files(real_slices: list[Path], abdomen_files: list[Path], tmp_path: Path) -> None:

@@ -167,11 +167,7 @@ def _detail(exc: BaseException, path: Path, limit: int = 240) -> str:
 
 def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
     """dcmread with every failure turned into a _Problem: missing, empty, not DICOM, truncated."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise _Problem(f"cannot be opened ({exc.strerror or type(exc).__name__})",
-                       "check that the file exists and is readable") from None
+    size = path.stat().st_size  # OSError (missing, permissions, I/O) is the system's fault, not the file's: raised
     if size == 0:
         raise _Problem("empty file (0 bytes)", "re-export or re-transfer the DICOM file")
     # pydicom only warns when the data end inside an element (e.g. encapsulated pixel data cut short), and then
@@ -185,8 +181,13 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
                 ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
             except InvalidDicomError:
                 ds = _read_without_preamble(path, pixels=pixels)
-        except _Problem:
+        except (_Problem, MemoryError):
             raise
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # permissions or I/O: the caller reports an error and retries later
+            raise _Problem(f"not a readable DICOM file ({_detail(exc, path)})",
+                           f"check it is a DICOM image and {_RETRANSFER}") from None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad bytes
             raise _Problem(f"not a readable DICOM file ({_detail(exc, path)})",
                            f"check it is a DICOM image and {_RETRANSFER}") from None
