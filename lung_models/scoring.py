@@ -193,10 +193,13 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         if not _inside(target, walk.real_root) or not os.path.exists(target):
             what = "a missing file or a link loop" if not os.path.exists(target) else "a file outside the input folder"
             if by_name is None and not name.lower().endswith(dicom.DICOM_SUFFIXES):
-                walk.skip(rel, f"symbolic link to {what}: not followed")  # cannot tell if it is a scan without reading
+                # Cannot tell whether it is a slice without reading it: any series here waits until it is fixed.
+                walk.unsettled_folders[folder] = f"{name} links out of the folder (replace the link by the file)"
+                walk.skip(rel, f"symbolic link to {what}: not followed")
                 return
-            kind = CT_VOLUME if by_name == "volume" else "image" if by_name == "image" else CT_SLICE
-            walk.unsettled_folders[folder] = f"{name} is a refused link"
+            kind = _kind_by_name(by_name)
+            if kind == CT_SLICE:
+                walk.unsettled_folders[folder] = f"{name} links out of the folder (replace the link by the file)"
             walk.refuse(rel, kind, _link_sha(path, "symlink"), REJECTED, f"{name}: symbolic link to {what}, refused; "
                         "copy the file into the folder instead of linking it")
             return
@@ -207,9 +210,18 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         return
     if not stat.S_ISREG(before.st_mode):
         if by_name is not None or name.lower().endswith(dicom.DICOM_SUFFIXES):
-            walk.refuse(rel, CT_VOLUME if by_name == "volume" else "image", _link_sha(path, "special file"), REJECTED,
+            walk.refuse(rel, _kind_by_name(by_name), _link_sha(path, "special file"), REJECTED,
                         f"{name}: not a regular file (a pipe, socket or device), refused; deliver scans as files")
         return
+    if by_name is None and not name.lower().endswith(dicom.DICOM_SUFFIXES):
+        try:  # an extensionless file is a slice only if its preamble says so: it must be readable to tell
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            walk.unsettled_folders[folder] = f"{name} cannot be read"
+            walk.skip(rel, f"cannot be read ({exc.strerror}) to tell whether it is a DICOM slice; give the scoring "
+                           "user read access to it")
+            return
     is_dcm = by_name is None and dicom.is_dicom_file(path)
     if by_name is None and not is_dcm:
         return
@@ -247,11 +259,19 @@ def _discover_file(walk: _Walk, path: Path) -> None:
     walk.found.items.append(Item(rel, kind, source, (rel,), sha, (key,)))
 
 
+def _kind_by_name(by_name: str | None) -> str:
+    """The item kind a file's name promises: NIfTI a volume, an image suffix an image, else a DICOM slice."""
+    return CT_VOLUME if by_name == "volume" else "image" if by_name == "image" else CT_SLICE
+
+
 def _series_items(walk: _Walk) -> list[Item]:
     """One ct_volume item per DICOM series of two or more slices (one slice alone is only a slice).
     A folder with a slice still arriving or unreadable, or changed within the settling time, gets
     no series this run: it is named in the skipped list and a later run assembles it."""
-    series, _unreadable = dicom.group_series(walk.dicom_files)  # unreadable headers: their slice rows say why
+    series, unreadable = dicom.group_series(walk.dicom_files)  # bad headers: their slice rows say why
+    for path, problem in unreadable.items():
+        if isinstance(problem, dicom.SliceUnreadable):  # gone or unreadable since it was hashed
+            walk.unsettled_folders[path.parent] = f"{path.name} cannot be read"
     items = []
     for s in series:
         if len(s.files) < 2:

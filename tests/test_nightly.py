@@ -570,3 +570,36 @@ def test_links_loops_and_pipes_never_hang_or_crash_the_night(factory, tmp_path):
     assert dict(zip(df.relative_path, df.status)) == {"good.png": "ok", "inside_link.png": "ok", "dangling.png":
                                                       "rejected", "loop_a.dcm": "rejected", "loop_b.dcm": "rejected",
                                                       "pipe.dcm": "rejected"}
+
+
+def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    files = _series(folder / "series", 14)
+    # A slice that vanishes (or hits an I/O error) between hashing and header reading.
+    real = dicom.group_series
+
+    def vanish_then_group(paths):
+        files[4].unlink()
+        return real(paths)
+
+    monkeypatch.setattr(scoring.dicom, "group_series", vanish_then_group)
+    found = scoring.discover(folder)
+    assert not [i for i in found.items if i.source == "dicom_series"]
+    assert any("series" in rel and "IM000005.dcm cannot be read" in why for rel, why in found.skipped)
+    monkeypatch.setattr(scoring.dicom, "group_series", real)
+    # An extensionless link out of the folder might be one of its slices: the series waits, and says why.
+    (folder / "series" / "IM000005.dcm").write_bytes(files[5].read_bytes())  # (any slice back in place)
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    (folder / "series" / "EXTRA").symlink_to(tmp_path / "elsewhere")
+    found = scoring.discover(folder)
+    assert not [i for i in found.items if i.source == "dicom_series"]
+    assert any("EXTRA links out of the folder" in why for _, why in found.skipped)
+    # A stray preview image linking out does not hold the series back, and a .dcm pipe goes to CT models only.
+    (folder / "series" / "EXTRA").unlink()
+    (folder / "series" / "preview.png").symlink_to(tmp_path / "elsewhere")
+    os.mkfifo(folder / "series" / "pipe.dcm")
+    found = scoring.discover(folder)
+    by_key = {(i.key, i.source): i for i in found.items}
+    assert ("series", "dicom_series") in by_key
+    assert by_key[("series/pipe.dcm", "refused")].kind == "ct_slice"
+    assert by_key[("series/preview.png", "refused")].refusal_status == "rejected"

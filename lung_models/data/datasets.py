@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lung_models import preprocess
-from lung_models.data.readers import InputError, read_nifti_hu, read_rgb_image
+from lung_models.data.readers import READER_VERSION, InputError, read_nifti_hu, read_rgb_image
 from lung_models.fileutil import atomic_write_json, sha256_bytes, sha256_file
 from lung_models.registry import DatasetSpec, ModelSpec
 
@@ -231,6 +231,7 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
     say(f"{spec.name}: hashing {len(items)} files under {root}")
     hashes = {str(i.path): sha256_file(i.path) for i in items}
     key_src = json.dumps({"params": params, "classes": spec.class_names, "split": spec.dataset.split,
+                          "reader_version": READER_VERSION,
                           "files": sorted((hashes[str(i.path)], i.label) for i in items)}, sort_keys=True)
     folder = Path(cache_root) / f"{spec.dataset.name.split()[0].lower()}-{sha256_bytes(key_src.encode())[:16]}"
     if (folder / "manifest.json").exists():

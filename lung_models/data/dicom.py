@@ -461,6 +461,11 @@ def _series_key(ds: Dataset) -> str:
     return f"{_BLANK_UID_KEY}{frame}" + (f"/{number}" if number else "")
 
 
+class SliceUnreadable(InputError):
+    """A slice whose header could not be read because of the file system (gone, permissions, I/O), not
+    because of its content: its series must wait for a later run rather than be assembled without it."""
+
+
 @_quiet_pydicom()
 def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, InputError]]:
     """Group DICOM files by (parent folder, SeriesInstanceUID), reading headers only.
@@ -477,6 +482,10 @@ def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, I
             key = _series_key(_read_dataset(path, pixels=False))
         except _Problem as p:
             errors[path] = InputError(path, p.problem, p.fix)
+            continue
+        except OSError as exc:  # vanished or unreadable since it was listed: the system's fault, not the file's
+            errors[path] = SliceUnreadable(path, f"cannot be read ({exc.strerror or type(exc).__name__})",
+                                           "check the file system and the scoring user's permissions")
             continue
         groups.setdefault((path.parent, key), []).append(path)
     series = [DicomSeries(folder=folder, series_uid=key, uid_hash=_uid_hash(key),

@@ -15,6 +15,9 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
 # A volume larger than this (in voxels) is refused from its header, before any allocation.
 MAX_VOLUME_VOXELS = 1024 * 1024 * 1024 // 4  # 256 Mi voxels = 1 GiB as float32
+# Changes whenever the readers turn the same file into a different array (training caches key on it):
+# 2 = NIfTI volumes reoriented to closest-canonical RAS.
+READER_VERSION = 2
 # Smaller than this on either side cannot be a CT slice or a histology tile (icons, thumbnails).
 MIN_IMAGE_SIDE = 32
 # Every chest CT has air (about -1000 HU) in it; a volume whose darkest voxel is above this is not
