@@ -14,6 +14,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 import typer
 
+from lung_models.ledger import DEFAULT_LOCK_TIMEOUT
+from lung_models.scoring import DEFAULT_SETTLE_SECONDS
+
 DEMO_TARGET = 0.95  # test accuracy on generated data that shows a model's chain learns
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -68,10 +71,10 @@ def train(
 def score(input_dir: str, output_dir: str,
           models: list[str] | None = typer.Option(None, "--models", "-m"),
           exports_dir: str = typer.Option("exports"), batch_size: int = typer.Option(8),
-          settle_seconds: float = typer.Option(60.0, help="leave files modified less than this long ago (still "
-                                                          "arriving) for a later run"),
-          lock_timeout_seconds: float = typer.Option(6 * 3600.0, help="wait this long for another run on the "
-                                                                      "same output folder to finish")) -> None:
+          settle_seconds: float = typer.Option(DEFAULT_SETTLE_SECONDS, help="leave files modified less than this "
+                                               "long ago (still arriving) for a later run"),
+          lock_timeout_seconds: float = typer.Option(DEFAULT_LOCK_TIMEOUT, help="wait this long for another run "
+                                                     "on the same output folder to finish")) -> None:
     """Run the score flow on a folder: score what is new, print this run's CSV path."""
     from flows.score import score_folder
 

@@ -17,7 +17,7 @@ import numpy as np
 from lung_models import preprocess
 from lung_models.bundle import CARD, LATEST, ONNX
 from lung_models.device import onnx_providers
-from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file
+from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file, utc_stamp
 from lung_models.registry import ModelSpec
 
 OPSET = 17
@@ -80,7 +80,7 @@ def check_parity(fn, session, x: np.ndarray, params: dict[str, Any], batch_size:
 def reserve_version(model_dir: Path) -> str:
     """Claim a new version folder (UTC time, then -002, -003... within one second) with an
     exclusive mkdir, so two exports never get the same version."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     for n in range(1, 1000):
         version = stamp if n == 1 else f"{stamp}-{n:03d}"
         try:

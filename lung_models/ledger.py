@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 LEDGER_NAME = "ledger.sqlite3"
 LOCK_NAME = ".scoring.lock"
 CUMULATIVE_NAME = "scores-cumulative.csv"
+# How long a run waits for another run on the same output folder (a long night's run) before failing.
+DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
 DONE_STATUSES = frozenset({"ok", "rejected"})
 STATUSES = frozenset({"ok", "rejected", "error"})
 KEY_COLUMNS = ("relative_path", "file_sha256", "bundle_sha256", "model")
@@ -186,7 +188,7 @@ def _lock_timeout_message(path: Path, timeout: float) -> str:
 
 
 @contextmanager
-def scoring_lock(output_dir: str | os.PathLike, timeout: float = 6 * 3600, poll: float = 0.5, *,
+def scoring_lock(output_dir: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT, poll: float = 0.5, *,
                  label: str = "") -> Iterator[Path]:
     """Hold the exclusive scoring lock of ``output_dir`` (``flock`` on ``.scoring.lock``).
 

@@ -27,7 +27,14 @@ import numpy as np
 from lung_models import preprocess
 from lung_models.bundle import ModelBundle
 from lung_models.data import dicom
-from lung_models.data.readers import InputError, check_ct_intensities, file_kind, read_nifti_hu, read_rgb_image
+from lung_models.data.readers import (
+    InputError,
+    check_ct_intensities,
+    error_detail,
+    file_kind,
+    read_nifti_hu,
+    read_rgb_image,
+)
 from lung_models.export import ort_session
 from lung_models.fileutil import sha256_bytes, sha256_file
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
@@ -213,16 +220,13 @@ def _discover_file(walk: _Walk, path: Path) -> None:
             walk.refuse(rel, _kind_by_name(by_name), _link_sha(path, "special file"), REJECTED,
                         f"{name}: not a regular file (a pipe, socket or device), refused; deliver scans as files")
         return
-    if by_name is None and not name.lower().endswith(dicom.DICOM_SUFFIXES):
-        try:  # an extensionless file is a slice only if its preamble says so: it must be readable to tell
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            walk.unsettled_folders[folder] = f"{name} cannot be read"
-            walk.skip(rel, f"cannot be read ({exc.strerror}) to tell whether it is a DICOM slice; give the scoring "
-                           "user read access to it")
-            return
-    is_dcm = by_name is None and dicom.is_dicom_file(path)
+    try:
+        is_dcm = by_name is None and dicom.is_dicom_file(path)
+    except OSError as exc:  # an extensionless file that cannot be read: is it a slice? cannot tell
+        walk.unsettled_folders[folder] = f"{name} cannot be read"
+        walk.skip(rel, f"cannot be read ({exc.strerror}) to tell whether it is a DICOM slice; give the scoring "
+                       "user read access to it")
+        return
     if by_name is None and not is_dcm:
         return
     kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else "image"
@@ -375,7 +379,7 @@ def refused_rows(bundle: ModelBundle, items: Iterable[Item], reason: str) -> lis
     return [result_row(bundle, item, status=ERROR, error=reason) for item in items]
 
 
-def _failure_row(model: LoadedModel, item: Item, exc: Exception) -> dict[str, Any] | None:
+def _failure_row(model: LoadedModel, item: Item, root: Path, exc: Exception) -> dict[str, Any] | None:
     """The row for an item that could not be loaded, or None if it is to be skipped this run.
 
     ``rejected`` only when the content is at fault (it would fail again); the system's faults
@@ -394,10 +398,9 @@ def _failure_row(model: LoadedModel, item: Item, exc: Exception) -> dict[str, An
     if isinstance(exc, MemoryError):
         return result_row(model, item, status=ERROR, error=f"{name}: out of memory while decoding; score it on a "
                           "machine with more memory or with a smaller batch")
-    detail = str(exc).replace(str(item.key), name)
     return result_row(model, item, status=REJECTED, error=(
-        f"{name}: cannot be decoded or preprocessed ({type(exc).__name__}: {detail}); re-export or re-transfer "
-        "the file"))
+        f"{name}: cannot be decoded or preprocessed ({error_detail(exc, root / item.key)}); re-export or "
+        "re-transfer the file"))
 
 
 def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_size: int = 8,
@@ -417,7 +420,7 @@ def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_siz
             probs = predict(model, np.stack([x for _, x in pending]))
         except Exception as exc:  # noqa: BLE001 - a runtime failure fails this batch's rows, not the night
             out.extend(result_row(model, item, status=ERROR, error=f"{Path(item.key).name}: inference failed "
-                                  f"({type(exc).__name__}: {exc}); check the model and the runtime")
+                                  f"({error_detail(exc, root / item.key)}); check the model and the runtime")
                        for item, _ in pending)
         else:
             for (item, _), p in zip(pending, probs):
@@ -437,7 +440,7 @@ def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_siz
                     _check_unchanged(item, root)  # a failure on a file that changed meanwhile says nothing of it
                 except FileChanged as changed:
                     failure = changed
-                row = _failure_row(model, item, failure)
+                row = _failure_row(model, item, root, failure)
                 if row is not None:
                     out.append(row)
                 else:

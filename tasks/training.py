@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 
 from lung_models import evaluation, export, preprocess, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
-from lung_models.fileutil import atomic_write_json
+from lung_models.fileutil import atomic_write_json, utc_stamp
 from tasks.common import say
 
 
@@ -33,8 +32,7 @@ def release_tensorflow_memory() -> None:
 
 
 def run_dir(work_dir: str, model_name: str) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = Path(work_dir) / "runs" / model_name / stamp
+    path = Path(work_dir) / "runs" / model_name / utc_stamp()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -214,7 +214,8 @@ def test_preamble_detects_dicom_without_extension(real_slices: list[Path], tmp_p
     (tmp_path / "X.DICOM").write_bytes(b"not even dicom")
     (tmp_path / "folder.dcm").mkdir()
     assert not is_dicom_file(tmp_path / "notes.txt")
-    assert not is_dicom_file(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError):  # cannot tell: the caller must know, not hear "not DICOM"
+        is_dicom_file(tmp_path / "does-not-exist")
     assert not is_dicom_file(tmp_path / "folder.dcm")
     assert is_dicom_file(tmp_path / "X.DICOM")  # by name; reading it says what is wrong
     assert DICOM_SUFFIXES == (".dcm", ".dicom")

@@ -22,7 +22,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,7 +48,7 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from lung_models.data import readers
-from lung_models.data.readers import InputError
+from lung_models.data.readers import InputError, error_detail
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MIN_SERIES_SLICES = 8  # fewer slices than this cannot be a volume for the 3-D model
@@ -127,17 +126,15 @@ def is_dicom_file(path: Path) -> bool:
     """True for a .dcm/.dicom suffix, or any file (typically without extension) whose bytes 128:132 are b"DICM".
 
     PACS exports and CDs often name slices without an extension (``IM0001``, ``1.2.840...``), so the suffix alone
-    would miss them; the 'DICM' magic after the 128-byte preamble is what DICOM Part 10 guarantees. Never raises:
-    an unreadable file is simply not DICOM here (reading it later says why).
+    would miss them; the 'DICM' magic after the 128-byte preamble is what DICOM Part 10 guarantees. An
+    extensionless file that cannot be read raises OSError: whether it is a slice cannot be told, and a caller
+    assembling series must know that (a series missing that slice would look complete).
     """
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return not path.is_dir()
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
+    with open(path, "rb") as fh:
+        head = fh.read(132)
     return head[128:132] == b"DICM"
 
 
@@ -155,14 +152,6 @@ class DicomHeader:
     columns: int | None
     modality: str
     transfer_syntax: str
-
-
-def _detail(exc: BaseException, path: Path, limit: int = 240) -> str:
-    """An exception as one short line for a message: the full path cut to the file name (folders may name
-    patients), object addresses dropped (reports must be reproducible), whitespace collapsed."""
-    text = " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc).replace(str(path), path.name)).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
@@ -186,10 +175,10 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
         except OSError as exc:
             if exc.errno is not None:
                 raise  # permissions or I/O: the caller reports an error and retries later
-            raise _Problem(f"not a readable DICOM file ({_detail(exc, path)})",
+            raise _Problem(f"not a readable DICOM file ({error_detail(exc, path)})",
                            f"check it is a DICOM image and {_RETRANSFER}") from None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad bytes
-            raise _Problem(f"not a readable DICOM file ({_detail(exc, path)})",
+            raise _Problem(f"not a readable DICOM file ({error_detail(exc, path)})",
                            f"check it is a DICOM image and {_RETRANSFER}") from None
     if len(ds) == 0 or any("end of file" in str(w.message).lower() for w in caught):
         raise _Problem("truncated DICOM file (the data end before the last element is complete)", _RETRANSFER)
@@ -341,7 +330,7 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - decoders raise anything on bad data
-        detail = _detail(exc, path)
+        detail = error_detail(exc, path)
         if uid.is_compressed:
             raise _Problem(f"{_syntax_name(uid)} pixel data cannot be decoded ({detail})",
                            f"the file may be truncated or corrupt: {_RETRANSFER}, or {_UNCOMPRESSED}") from None

@@ -6,6 +6,7 @@ what to do about it, so that a scoring run can record it in the report and go on
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +70,17 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
         raise InputError(path, "not a readable image (unknown or corrupt format)",
                          "check the file is a PNG/JPEG/TIFF and re-transfer it") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(path, f"image too large to be a scan or tile ({_detail(exc, path)})",
+        raise InputError(path, f"image too large to be a scan or tile ({error_detail(exc, path)})",
                          "crop or downsample it before scoring") from None
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the file system's fault (permissions, I/O), not the image's: the caller retries later
-        raise InputError(path, f"image is truncated or corrupt ({_detail(exc, path)})",
+        raise InputError(path, f"image is truncated or corrupt ({error_detail(exc, path)})",
                          "re-transfer the file from its source") from None
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any other decoder failure is still this file's problem
-        raise InputError(path, f"image cannot be decoded ({type(exc).__name__}: {_detail(exc, path)})",
+        raise InputError(path, f"image cannot be decoded ({error_detail(exc, path)})",
                          "re-export the image as PNG or JPEG") from None
 
 
@@ -101,10 +102,10 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     except OSError as exc:
         if exc.errno is not None:
             raise  # the file system's fault (permissions, I/O), not the volume's: the caller retries later
-        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {_detail(exc, path)})",
+        raise InputError(path, f"not a readable NIfTI file ({error_detail(exc, path)})",
                          "re-export the volume as .nii/.nii.gz") from None
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad headers
-        raise InputError(path, f"not a readable NIfTI file ({type(exc).__name__}: {_detail(exc, path)})",
+        raise InputError(path, f"not a readable NIfTI file ({error_detail(exc, path)})",
                          "re-export the volume as .nii/.nii.gz") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -132,10 +133,10 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     except OSError as exc:
         if exc.errno is not None:
             raise
-        raise InputError(path, f"voxel data unreadable or truncated ({type(exc).__name__}: {_detail(exc, path)})",
+        raise InputError(path, f"voxel data unreadable or truncated ({error_detail(exc, path)})",
                          "re-transfer the file from its source") from None
     except Exception as exc:  # noqa: BLE001 - a broken stream or affine is this file's problem
-        raise InputError(path, f"voxel data unreadable or truncated ({type(exc).__name__}: {_detail(exc, path)})",
+        raise InputError(path, f"voxel data unreadable or truncated ({error_detail(exc, path)})",
                          "re-transfer the file from its source") from None
     if not np.isfinite(data).all():
         raise InputError(path, "volume contains NaN or infinite voxels", "re-export the volume")
@@ -166,10 +167,14 @@ def _stored_spacing(path: Path, img) -> tuple[float, ...]:
         return tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-def _detail(exc: BaseException, path: Path) -> str:
-    """An exception's text with the file's full path cut to its name: reports name files relative
-    to the input folder, never by the folders above it."""
+def error_detail(exc: BaseException, path: str | Path, limit: int = 240) -> str:
+    """An exception as one short line for a report: ``Type: text`` with the file's full path cut to
+    its name (reports name files relative to the input folder; the folders above may name
+    patients), object addresses dropped (reports must be reproducible), whitespace collapsed."""
+    path = Path(path)
     text = str(exc)
-    for full in {str(path), str(path.resolve()), str(path.absolute())}:
+    for full in sorted({str(path), str(path.absolute()), str(path.resolve())}, key=len, reverse=True):
         text = text.replace(full, path.name)
-    return text
+    text = " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", text).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
