@@ -30,7 +30,7 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
     for name in names:
         shape = (input_shape or {}).get(name)
         data = fetch_data(name, source, profile, work_dir, data_dir, seed)
-        prepared = preprocess_data(name, data["root"], work_dir, max_per_class, shape)
+        prepared = preprocess_data(name, data["root"], work_dir, max_per_class, shape, profile)
         model_weights = weights.get(name) if isinstance(weights, dict) else weights
         overrides = {"epochs": epochs, "batch_size": batch_size, "weights": model_weights}
         parts = {dep: checkpoints[dep] for dep in registry.get(name).spec.depends_on}

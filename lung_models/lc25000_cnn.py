@@ -43,7 +43,7 @@ SPEC = ModelSpec(
         learning_rate=1e-3,
         checkpoint_monitor="val_loss",
     ),
-    profiles={"demo": {"epochs": 15, "generated_per_class": 600, "generated_size": 768}},
+    profiles={"demo": {"epochs": 10, "generated_per_class": 600, "generated_size": 768}},
     documented_metrics={"test_accuracy": 0.967, "train_accuracy": 0.980, "val_accuracy": 0.982},
 )
 

@@ -67,8 +67,11 @@ def fetch_data(model_name: str, source: str, profile: str, work_dir: str, data_d
 
 @task(name="preprocess-data")
 def preprocess_data(model_name: str, data_root: str, work_dir: str, max_per_class: int | None = None,
-                    input_shape: list[int] | None = None) -> str:
+                    input_shape: list[int] | None = None, profile: str = "full") -> str:
+    """Cache the model's preprocessed splits; ``max_per_class`` (else the profile's) caps each split."""
     spec = registry.get(model_name).spec
+    if max_per_class is None:
+        max_per_class = spec.recipe_for(profile).max_per_class
     prepared = datasets.prepare(spec, Path(data_root), Path(work_dir) / "cache", max_per_class=max_per_class,
                                 input_shape=tuple(input_shape) if input_shape else None, progress=say)
     return str(prepared.folder)

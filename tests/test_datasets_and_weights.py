@@ -91,3 +91,29 @@ def test_duplicate_images_never_span_splits_in_the_real_chest_sample(shared_data
     assert len(hashes) == len(set(hashes))  # the sample ships 100+ byte-identical copies
     assert len(manifest["duplicates_dropped"]) > 100
     assert any("same image under classes" in d["reason"] for d in manifest["duplicates_dropped"])
+
+
+def test_a_profile_can_cap_files_per_class_and_an_explicit_cap_wins(tmp_path):
+    """The chest demo caps its random-backbone models at 40 files a class per split (same data
+    set as the CNN, so the splits agree); the CNN uses every file; --max-per-class overrides."""
+    from tasks.data import preprocess_data
+
+    rng = np.random.default_rng(0)
+    for split, folders, n in (("train", CHEST_TRAIN, 45), ("valid", CHEST_TRAIN, 3), ("test", CHEST_TEST, 3)):
+        for folder in folders:
+            for i in range(n):
+                path = tmp_path / "data" / "Data" / split / folder / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(path)
+    assert registry.get("chest-resnet50").spec.recipe_for("demo").max_per_class == 40
+    assert registry.get("chest-cnn").spec.recipe_for("demo").max_per_class is None
+
+    def split_sizes(name, **kw):
+        folder = preprocess_data.fn(name, str(tmp_path / "data"), str(tmp_path / "work"), input_shape=[32, 32, 3],
+                                    **kw)
+        return {k: len(v) for k, v in datasets.PreparedData(Path(folder)).manifest["splits"].items()}
+
+    assert split_sizes("chest-resnet50", profile="demo") == {"train": 160, "val": 12, "test": 12}
+    assert split_sizes("chest-cnn", profile="demo") == {"train": 180, "val": 12, "test": 12}
+    assert split_sizes("chest-resnet50", profile="full") == {"train": 180, "val": 12, "test": 12}
+    assert split_sizes("chest-resnet50", max_per_class=5, profile="demo") == {"train": 20, "val": 12, "test": 12}
