@@ -51,9 +51,9 @@ DEMO_DATA = {"weights": "random", "generated_per_class": 400, "generated_size": 
 # The custom CNN learns from scratch: as many epochs as the 25-minute demo leaves (about 10 s each
 # on a 2-core CPU), in batches of 16 (more updates per epoch; measured in the model card's history).
 DEMO = {**DEMO_DATA, "epochs": 32, "batch_size": 16}
-# Frozen random backbones cannot learn in a demo (no ImageNet weights offline): 40 files a class
+# Frozen random backbones cannot learn in a demo (no ImageNet weights offline): 20 files a class
 # per split and four epochs, enough to show the chain runs end to end.
-DEMO_RANDOM_BACKBONE = {**DEMO_DATA, "epochs": 4, "max_per_class": 40}
+DEMO_RANDOM_BACKBONE = {**DEMO_DATA, "epochs": 4, "max_per_class": 20}
 RESNET = {"kind": "keras_applications", "weights": "imagenet", "model": "ResNet50"}
 
 

@@ -94,7 +94,7 @@ def test_duplicate_images_never_span_splits_in_the_real_chest_sample(shared_data
 
 
 def test_a_profile_can_cap_files_per_class_and_an_explicit_cap_wins(tmp_path):
-    """The chest demo caps its random-backbone models at 40 files a class per split (same data
+    """The chest demo caps its random-backbone models at 20 files a class per split (same data
     set as the CNN, so the splits agree); the CNN uses every file; --max-per-class overrides."""
     from tasks.data import preprocess_data
 
@@ -105,7 +105,7 @@ def test_a_profile_can_cap_files_per_class_and_an_explicit_cap_wins(tmp_path):
                 path = tmp_path / "data" / "Data" / split / folder / f"{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(path)
-    assert registry.get("chest-resnet50").spec.recipe_for("demo").max_per_class == 40
+    assert registry.get("chest-resnet50").spec.recipe_for("demo").max_per_class == 20
     assert registry.get("chest-cnn").spec.recipe_for("demo").max_per_class is None
 
     def split_sizes(name, **kw):
@@ -113,7 +113,7 @@ def test_a_profile_can_cap_files_per_class_and_an_explicit_cap_wins(tmp_path):
                                     **kw)
         return {k: len(v) for k, v in datasets.PreparedData(Path(folder)).manifest["splits"].items()}
 
-    assert split_sizes("chest-resnet50", profile="demo") == {"train": 160, "val": 12, "test": 12}
+    assert split_sizes("chest-resnet50", profile="demo") == {"train": 80, "val": 12, "test": 12}
     assert split_sizes("chest-cnn", profile="demo") == {"train": 180, "val": 12, "test": 12}
     assert split_sizes("chest-resnet50", profile="full") == {"train": 180, "val": 12, "test": 12}
     assert split_sizes("chest-resnet50", max_per_class=5, profile="demo") == {"train": 20, "val": 12, "test": 12}
