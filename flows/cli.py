@@ -114,8 +114,8 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
         if card["weights_init"].startswith("RANDOM"):
             typer.echo(f"{'':26s} ^ {card['weights_init']}")
         elif m["accuracy"] < DEMO_TARGET:
-            typer.echo(f"{'':26s} ^ BELOW the {DEMO_TARGET:.2f} demo target: this chain did not learn the generated "
-                       "task within the demo profile's data and epochs")
+            typer.echo(f"{'':26s} ^ BELOW the {DEMO_TARGET:.2f} demo target: the demo profile's data and epochs were "
+                       "not enough for this chain to reach it on the generated task")
         choice = (card["training"].get("finalize") or {}).get("summary")
         if choice:
             typer.echo(f"{'':26s} ^ {choice}")
