@@ -114,8 +114,8 @@ def build_resnet(spec: ModelSpec = RESNET_SPEC, input_shape=None, weights: str =
 # The write-up gives the custom CNN's pattern (Conv2D/MaxPool blocks → Flatten → Dense → Dropout →
 # Dense 4) but not its sizes. Five 3×3 blocks see 94 pixels (about 150 mm, a lung's width) around
 # each flattened cell, enough to tell a hilar mass from a peripheral one; three blocks (22 pixels,
-# the first version) learnt far more slowly on the same slices. He initialisation suits the ReLU stack; the Flatten
-# leaves 5×5×256 features at 224×224 (inputs need at least 94 pixels a side).
+# the first version) learnt far more slowly on the same slices. He initialisation suits the ReLU
+# stack; the Flatten leaves 5×5×256 features at 224×224 (inputs need at least 94 pixels a side).
 CNN_FILTERS = (16, 32, 64, 128, 256)
 
 
