@@ -578,9 +578,10 @@ def test_links_loops_and_pipes_never_hang_or_crash_the_night(factory, tmp_path):
 
 def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_path, monkeypatch):
     folder = tmp_path / "in"
-    files = _series(folder / "series", 14)
+    files = _series(folder / "series", seed=14)
     # A slice that vanishes (or hits an I/O error) between hashing and header reading.
     real = dicom.group_series
+    original = files[4].read_bytes()
 
     def vanish_then_group(paths):
         files[4].unlink()
@@ -592,7 +593,7 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
     assert any("series" in rel and "IM000005.dcm cannot be read" in why for rel, why in found.skipped)
     monkeypatch.setattr(scoring.dicom, "group_series", real)
     # An extensionless link out of the folder might be one of its slices: the series waits, and says why.
-    (folder / "series" / "IM000005.dcm").write_bytes(files[5].read_bytes())  # (any slice back in place)
+    files[4].write_bytes(original)  # the vanished slice is back
     (tmp_path / "elsewhere").write_bytes(b"x")
     (folder / "series" / "EXTRA").symlink_to(tmp_path / "elsewhere")
     found = scoring.discover(folder)
@@ -604,6 +605,6 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
     os.mkfifo(folder / "series" / "pipe.dcm")
     found = scoring.discover(folder)
     by_key = {(i.key, i.source): i for i in found.items}
-    assert ("series", "dicom_series") in by_key
+    assert len(by_key[("series", "dicom_series")].files) == len(files)  # assembled whole again
     assert by_key[("series/pipe.dcm", "refused")].kind == "ct_slice"
     assert by_key[("series/preview.png", "refused")].refusal_status == "rejected"
