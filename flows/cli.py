@@ -127,10 +127,11 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
                           exports_dir=exports_dir, settle_seconds=0)
     typer.echo("\n=== demo summary (generated data, demo profile) ===")
     typer.echo(f"{'model':26s} {'train acc/loss':>15s} {'val acc/loss':>15s} {'test acc/loss':>15s}  test 95% CI")
-    for name, path in bundles.items():
-        for line in summary_rows(name, load_bundle(path).card):
+    cards = {name: load_bundle(path).card for name, path in bundles.items()}
+    for name, card in cards.items():
+        for line in summary_rows(name, card):
             typer.echo(line)
-    typer.echo(f"devices: training on {sorted({load_bundle(p).card['training']['device'] for p in bundles.values()})}")
+    typer.echo(f"devices: training on {sorted({card['training']['device'] for card in cards.values()})}")
     typer.echo(f"bundles: {Path(exports_dir).resolve()}")
     typer.echo(f"incoming files: {incoming}")
     typer.echo(f"scores CSV:     {report}")
