@@ -41,11 +41,25 @@ def labels_for_loss(y: np.ndarray, loss: str, num_classes: int) -> np.ndarray:
     return y.astype("int64")
 
 
+def stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random order of ``range(len(y))`` in which every stretch holds the classes in the data's
+    proportions: each class is shuffled, its i-th item of n gets the key (i + u) / n with u drawn
+    once per class, and items are sorted by key. With two equal classes and even batches, every
+    batch is half one class, half the other."""
+    y = np.asarray(y)
+    keys = np.empty(len(y))
+    for cls in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == cls))
+        keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(keys, kind="stable")
+
+
 def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[str, Any],
                  loss: str, num_classes: int, shuffle: bool, augmentation: dict[str, Any] | None,
-                 seed: int):
+                 seed: int, balanced: bool = False):
     """A Keras ``PyDataset`` over (memory-mapped) cached arrays: per-batch rescaling, optional
-    augmentation, a fresh seeded shuffle every epoch."""
+    augmentation, a fresh seeded shuffle every epoch (``balanced``: a stratified one, see
+    ``stratified_order``)."""
     import keras
 
     class ArrayBatches(keras.utils.PyDataset):
@@ -53,7 +67,10 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
             super().__init__()
             self.rng = np.random.default_rng(seed)
             self.labels = labels_for_loss(y, loss, num_classes)
-            self.order = self.rng.permutation(len(x)) if shuffle else np.arange(len(x))
+            self.order = self.shuffled() if shuffle else np.arange(len(x))
+
+        def shuffled(self) -> np.ndarray:
+            return stratified_order(y, self.rng) if balanced else self.rng.permutation(len(x))
 
         def __len__(self) -> int:
             return math.ceil(len(x) / batch_size)
@@ -62,13 +79,14 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
             idx = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
             batch = preprocess.batch_stage(x[idx], params)
             if augmentation and augmentation["kind"] == "volume_rotation":
+                p = augmentation.get("probability", 1.0)
                 batch = np.stack([preprocess.random_rotate_volume(v, self.rng, augmentation["angles"])
-                                  for v in batch])
+                                  if self.rng.random() < p else v for v in batch])
             return batch, self.labels[idx]
 
         def on_epoch_end(self) -> None:
             if shuffle:
-                self.order = self.rng.permutation(len(x))
+                self.order = self.shuffled()
 
     return ArrayBatches()
 
@@ -197,7 +215,7 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
                   metrics=["accuracy"])
     common = dict(batch_size=recipe.batch_size, params=params, loss=recipe.loss, num_classes=n_classes)
     train_batches = make_batches(x_train, y_train, shuffle=True, augmentation=recipe.augmentation,
-                                 seed=seed, **common)
+                                 seed=seed, balanced=recipe.balanced_batches, **common)
     val_batches = make_batches(x_val, y_val, shuffle=False, augmentation=None, seed=seed, **common)
 
     checkpoint = out_dir / "best.keras"

@@ -1,0 +1,65 @@
+"""Batch order and augmentation of the training loop (lung_models.training)."""
+
+import numpy as np
+import pytest
+
+from lung_models.training import make_batches, stratified_order
+
+ANGLES = [-20, -10, -5, 5, 10, 20]
+
+
+def _batches(y, x=None, **options):
+    x = np.random.default_rng(0).random((len(y), 8, 8, 4, 1), dtype=np.float32) if x is None else x
+    params = {"kind": "ct_volume"}
+    settings = dict(batch_size=4, params=params, loss="binary_crossentropy", num_classes=2, shuffle=True,
+                    augmentation=None, seed=3)
+    settings.update(options)
+    return x, make_batches(x, np.asarray(y), **settings)
+
+
+@pytest.mark.parametrize("counts", [(22, 22), (10, 30)])
+def test_stratified_order_gives_every_batch_the_classes_in_proportion(counts):
+    y = np.repeat([0, 1], counts)
+    rng = np.random.default_rng(7)
+    orders = [stratified_order(y, rng) for _ in range(5)]
+    per_batch = 4 * counts[1] // sum(counts)
+    for order in orders:
+        assert sorted(order) == list(range(len(y)))  # a permutation: every item once
+        assert [int(y[order[i:i + 4]].sum()) for i in range(0, len(y) - 3, 4)] == [per_batch] * (len(y) // 4)
+    assert len({tuple(o) for o in orders}) == 5  # reshuffled every time, not one fixed pattern
+
+
+def test_balanced_batches_hold_both_classes_in_every_epoch():
+    y = np.repeat([0, 1], 22)
+    _, balanced = _batches(y, balanced=True)
+    _, plain = _batches(y)
+    for _ in range(3):
+        assert [int(balanced[i][1].sum()) for i in range(len(balanced))] == [2] * 11
+        balanced.on_epoch_end()
+    # A plain shuffle of the same data does not: some batches are all one class.
+    mixes = []
+    for _ in range(3):
+        mixes += [int(plain[i][1].sum()) for i in range(len(plain))]
+        plain.on_epoch_end()
+    assert any(m != 2 for m in mixes), mixes
+
+
+@pytest.mark.parametrize("probability, rotated", [(1.0, "all"), (0.0, "none"), (0.5, "some")])
+def test_volume_rotation_applies_to_the_configured_share_of_volumes(probability, rotated):
+    y = np.repeat([0, 1], 20)
+    x = np.zeros((40, 16, 16, 4, 1), np.float32)
+    x[:, 4:12, 2:6] = 1.0  # an off-centre bar: any rotation moves it
+    _, batches = _batches(y, x=x, shuffle=False,
+                          augmentation={"kind": "volume_rotation", "angles": ANGLES, "probability": probability})
+    changed = [not np.array_equal(v, x[0]) for i in range(len(batches)) for v in batches[i][0]]
+    expected = {"all": lambda n: n == 40, "none": lambda n: n == 0, "some": lambda n: 10 <= n <= 30}
+    assert expected[rotated](sum(changed)), sum(changed)
+
+
+def test_volume_rotation_rotates_every_volume_when_no_probability_is_given():
+    # The documented recipe rotates every training volume; "probability" is our addition.
+    x = np.zeros((8, 16, 16, 4, 1), np.float32)
+    x[:, 4:12, 2:6] = 1.0
+    _, batches = _batches(np.repeat([0, 1], 4), x=x, shuffle=False,
+                          augmentation={"kind": "volume_rotation", "angles": ANGLES})
+    assert all(not np.array_equal(v, x[0]) for i in range(len(batches)) for v in batches[i][0])
