@@ -48,15 +48,16 @@ SPEC = ModelSpec(
                      "staircase": True},
         early_stopping={"monitor": "val_accuracy", "patience": 15},
         checkpoint_monitor="val_loss",
-        # Two departures from the example, both about BatchNorm in tiny batches:
+        # Two departures from the example, both about BatchNorm statistics:
         # - The example rotates every training volume. Spline interpolation smooths the noise
-        #   (high-frequency spread down 13%), and validation, test and nightly volumes are never
-        #   rotated, so every feature shifts at inference: a demo model called 11 of 16 normal
-        #   training volumes abnormal once they were rotated, 1 of 16 unrotated. We rotate half.
-        # - The example shuffles freely. A batch's class mix then moves its BatchNorm statistics
-        #   (an all-normal batch of 4 is normalised as if it were a mixed one), so what is learnt
-        #   from batch statistics does not hold with the moving ones. Every batch here holds the
-        #   classes in the data's proportions.
+        #   (voxel-to-voxel differences about 13% smaller), and validation, test and nightly
+        #   volumes are never rotated, so at inference every layer sees inputs unlike the ones its
+        #   statistics were gathered on: a demo model called 11 of 16 normal training volumes
+        #   abnormal once they were rotated, 1 of 16 as they were. We rotate half.
+        # - The example shuffles freely. In training, BatchNorm centres each batch on its own
+        #   mean, so an all-normal batch is shifted as if half of it were abnormal; the model
+        #   learns with that shift, and at inference the moving averages do not apply it. Every
+        #   batch here holds the classes in the data's proportions.
         augmentation={"kind": "volume_rotation", "angles": [-20, -10, -5, 5, 10, 20],
                       "probability": 0.5},
         balanced_batches=True,

@@ -67,7 +67,8 @@ class TrainingRecipe:
     loss_options: dict[str, Any] | None = None  # e.g. focal loss gamma, alpha="balanced"
     reduce_lr: dict[str, Any] | None = None  # ReduceLROnPlateau arguments
     stop_above: dict[str, Any] | None = None  # {"monitor": "val_accuracy", "value": 0.9}
-    # Every training batch holds the classes in the data's proportions (see training.stratified_order).
+    # Every training batch holds the classes in the data's proportions, as closely as whole items
+    # allow (see training.stratified_order).
     balanced_batches: bool = False
 
 

@@ -42,14 +42,18 @@ def labels_for_loss(y: np.ndarray, loss: str, num_classes: int) -> np.ndarray:
 
 
 def stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random order of ``range(len(y))`` in which every stretch holds the classes in the data's
-    proportions: each class is shuffled, its i-th item of n gets the key (i + u) / n with u drawn
-    once per class, and items are sorted by key. With two equal classes and even batches, every
-    batch is half one class, half the other."""
+    """A random order of ``range(len(y))`` that spreads each class evenly: each class is shuffled,
+    its i-th item of n gets the key (i + u) / n with u drawn once per class, and items are sorted
+    by key. Any run of items then holds each class in the data's proportions as closely as whole
+    items allow, exactly when each class's share of a batch is a whole number (two equal classes
+    in even batches: every batch half one class, half the other). ``y`` holds integer labels."""
     y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"stratified_order needs one integer label per item, not an array of shape {y.shape}")
+    _, class_of = np.unique(y, return_inverse=True)
     keys = np.empty(len(y))
-    for cls in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == cls))
+    for k in range(class_of.max(initial=-1) + 1):
+        members = rng.permutation(np.flatnonzero(class_of == k))
         keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
     return np.argsort(keys, kind="stable")
 
@@ -59,8 +63,11 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
                  seed: int, balanced: bool = False):
     """A Keras ``PyDataset`` over (memory-mapped) cached arrays: per-batch rescaling, optional
     augmentation, a fresh seeded shuffle every epoch (``balanced``: a stratified one, see
-    ``stratified_order``)."""
+    ``stratified_order``; without ``shuffle`` the order is the arrays' own)."""
     import keras
+
+    if augmentation and not 0 <= augmentation.get("probability", 1.0) <= 1:
+        raise ValueError(f"augmentation probability must be between 0 and 1, not {augmentation['probability']!r}")
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -81,7 +88,7 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
             if augmentation and augmentation["kind"] == "volume_rotation":
                 p = augmentation.get("probability", 1.0)
                 batch = np.stack([preprocess.random_rotate_volume(v, self.rng, augmentation["angles"])
-                                  if self.rng.random() < p else v for v in batch])
+                                  if p >= 1 or self.rng.random() < p else v for v in batch])
             return batch, self.labels[idx]
 
         def on_epoch_end(self) -> None:

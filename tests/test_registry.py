@@ -66,6 +66,8 @@ def test_profiles_override_the_documented_recipe():
     with pytest.raises(KeyError, match="no profile"):
         spec.recipe_for("nonexistent")
     assert dataclasses.asdict(spec.recipe)["early_stopping"] == {"monitor": "val_accuracy", "patience": 15}
+    assert spec.recipe_for("demo").balanced_batches and spec.recipe_for("full").balanced_batches
+    assert spec.recipe_for("demo", balanced_batches=False).balanced_batches is False
 
 
 def test_dependencies_train_first():

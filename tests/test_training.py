@@ -36,12 +36,35 @@ def test_balanced_batches_hold_both_classes_in_every_epoch():
     for _ in range(3):
         assert [int(balanced[i][1].sum()) for i in range(len(balanced))] == [2] * 11
         balanced.on_epoch_end()
-    # A plain shuffle of the same data does not: some batches are all one class.
+    # A plain shuffle of the same data does not: some of its batches are not half and half.
     mixes = []
     for _ in range(3):
         mixes += [int(plain[i][1].sum()) for i in range(len(plain))]
         plain.on_epoch_end()
     assert any(m != 2 for m in mixes), mixes
+
+
+def test_uneven_classes_stay_close_to_their_share_all_along():
+    # A class's running count stays within 1.5 items of its share of the items so far (a plain
+    # shuffle of these labels strays 2.3-3 items with most seeds).
+    y = np.repeat([0, 1, 2], [7, 13, 4])
+    for seed in range(10):
+        order = stratified_order(y, np.random.default_rng(seed))
+        assert sorted(order) == list(range(len(y)))
+        for cls, n in enumerate((7, 13, 4)):
+            running = np.cumsum(y[order] == cls)
+            share = np.arange(1, len(y) + 1) * n / len(y)
+            assert np.all(np.abs(running - share) < 1.5), (seed, cls, running - share)
+
+
+def test_stratified_order_refuses_one_hot_labels():
+    with pytest.raises(ValueError, match="one integer label per item"):
+        stratified_order(np.eye(2)[[0, 1, 1, 0]], np.random.default_rng(0))
+
+
+def test_a_rotation_probability_outside_0_to_1_is_refused():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        _batches([0, 1], augmentation={"kind": "volume_rotation", "angles": ANGLES, "probability": 50})
 
 
 @pytest.mark.parametrize("probability, rotated", [(1.0, "all"), (0.0, "none"), (0.5, "some")])
