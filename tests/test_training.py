@@ -1,8 +1,12 @@
 """Batch order and augmentation of the training loop (lung_models.training)."""
 
+import json
+
 import numpy as np
 import pytest
 
+from lung_models import registry, training
+from lung_models.data.datasets import PreparedData
 from lung_models.training import make_batches, stratified_order
 
 ANGLES = [-20, -10, -5, 5, 10, 20]
@@ -86,3 +90,28 @@ def test_volume_rotation_rotates_every_volume_when_no_probability_is_given():
     _, batches = _batches(np.repeat([0, 1], 4), x=x, shuffle=False,
                           augmentation={"kind": "volume_rotation", "angles": ANGLES})
     assert all(not np.array_equal(v, x[0]) for i in range(len(batches)) for v in batches[i][0])
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_train_hands_the_recipes_batch_balance_to_the_training_batches(tmp_path, monkeypatch, balanced):
+    for split in ("train", "val"):
+        np.save(tmp_path / f"{split}_x.npy", np.zeros((4, 48, 48, 48, 1), np.float32))
+        np.save(tmp_path / f"{split}_y.npy", np.array([0, 1, 0, 1]))
+    (tmp_path / "manifest.json").write_text(json.dumps({"preprocessing": {"kind": "ct_volume"}}))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("balanced", False))
+        raise _Stop  # the batches are all this test needs; no fitting
+
+    monkeypatch.setattr(training, "make_batches", spy)
+    entry = registry.get("mosmed-3dcnn")
+    recipe = entry.spec.recipe_for("demo", balanced_batches=balanced)
+    with pytest.raises(_Stop):
+        training.train(entry.spec, entry.build, PreparedData(tmp_path), recipe, tmp_path / "run",
+                       input_shape=(48, 48, 48, 1))
+    assert seen == [balanced]
