@@ -66,8 +66,9 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
     ``stratified_order``; without ``shuffle`` the order is the arrays' own)."""
     import keras
 
-    if augmentation and not 0 <= augmentation.get("probability", 1.0) <= 1:
-        raise ValueError(f"augmentation probability must be between 0 and 1, not {augmentation['probability']!r}")
+    share = (augmentation or {}).get("probability", 1.0)  # of the items augmented
+    if not 0 <= share <= 1:
+        raise ValueError(f"augmentation probability must be between 0 and 1, not {share!r}")
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -86,9 +87,8 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
             idx = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
             batch = preprocess.batch_stage(x[idx], params)
             if augmentation and augmentation["kind"] == "volume_rotation":
-                p = augmentation.get("probability", 1.0)
                 batch = np.stack([preprocess.random_rotate_volume(v, self.rng, augmentation["angles"])
-                                  if p >= 1 or self.rng.random() < p else v for v in batch])
+                                  if share >= 1 or self.rng.random() < share else v for v in batch])
             return batch, self.labels[idx]
 
         def on_epoch_end(self) -> None:
