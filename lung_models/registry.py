@@ -100,6 +100,15 @@ class ModelSpec:
             raise ValueError(f"{self.name}: output must be 'sigmoid', 'softmax' or 'logits', not {self.output!r}")
         if self.output == "sigmoid" and len(self.class_names) != 2:
             raise ValueError(f"{self.name}: a sigmoid output needs exactly two class names")
+        # A profile holds recipe fields and generated-data options (generated_*); anything else is
+        # a typo that would otherwise be dropped without a word.
+        fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
+        for profile, values in self.profiles.items():
+            unknown = sorted(k for k in values if k not in fields and not k.startswith("generated_"))
+            if unknown:
+                raise ValueError(f"{self.name}: profile {profile!r} has unknown keys {unknown}; a profile "
+                                 f"takes TrainingRecipe fields ({', '.join(sorted(fields))}) or generated_* "
+                                 "data options")
 
     def recipe_for(self, profile: str = "full", **overrides: Any) -> TrainingRecipe:
         """The recipe of a profile (``full`` = documented values), with explicit overrides on top."""

@@ -66,6 +66,9 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
     ``stratified_order``; without ``shuffle`` the order is the arrays' own)."""
     import keras
 
+    if augmentation and augmentation.get("kind") != "volume_rotation":
+        raise ValueError(f"unknown augmentation kind {augmentation.get('kind')!r}; known: volume_rotation "
+                         "(image models augment inside the model)")
     share = (augmentation or {}).get("probability", 1.0)  # of the items augmented
     if not 0 <= share <= 1:
         raise ValueError(f"augmentation probability must be between 0 and 1, not {share!r}")
@@ -86,7 +89,7 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
         def __getitem__(self, index: int):
             idx = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
             batch = preprocess.batch_stage(x[idx], params)
-            if augmentation and augmentation["kind"] == "volume_rotation":
+            if augmentation:
                 batch = np.stack([preprocess.random_rotate_volume(v, self.rng, augmentation["angles"])
                                   if share >= 1 or self.rng.random() < share else v for v in batch])
             return batch, self.labels[idx]
@@ -104,14 +107,18 @@ def monitor_mode(monitor: str) -> str:
 
 
 def make_optimizer(recipe: TrainingRecipe):
+    """The recipe's optimizer, with its learning-rate schedule (``exponential_decay``: ``decay_steps``,
+    ``decay_rate``, optional ``staircase``) if it has one; any other schedule kind is refused."""
     import keras
 
     lr: Any = recipe.learning_rate
-    if recipe.lr_schedule and recipe.lr_schedule.get("kind") == "exponential_decay":
-        sched = recipe.lr_schedule
+    sched = recipe.lr_schedule
+    if sched and sched.get("kind") == "exponential_decay":
         lr = keras.optimizers.schedules.ExponentialDecay(
             recipe.learning_rate, decay_steps=sched["decay_steps"], decay_rate=sched["decay_rate"],
             staircase=sched.get("staircase", False))
+    elif sched:
+        raise ValueError(f"unknown lr_schedule kind {sched.get('kind')!r}; known: exponential_decay")
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "lion": keras.optimizers.Lion}
     if recipe.optimizer not in optimizers:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: {', '.join(optimizers)}")

@@ -87,3 +87,12 @@ def test_pretrained_models_say_where_their_weights_come_from():
     assert hub.pretrained["handle"] in weights_description(hub, hub.recipe_for("full"))
     cnn = registry.get("lc25000-cnn").spec
     assert weights_description(cnn, cnn.recipe_for("full")).startswith("random initialisation (trained from scratch")
+
+
+def test_a_mistyped_profile_key_is_refused_not_dropped():
+    spec = registry.get("chest-cnn").spec
+    # Recipe fields and generated_* data options are accepted ...
+    dataclasses.replace(spec, profiles={"demo": {"balanced_batches": True, "generated_size": 128}})
+    # ... a typo is named, instead of silently training with the documented value.
+    with pytest.raises(ValueError, match=r"profile 'demo' has unknown keys \['balanced_batch'\]"):
+        dataclasses.replace(spec, profiles={"demo": {"balanced_batch": True}})

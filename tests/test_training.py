@@ -1,5 +1,6 @@
 """Batch order and augmentation of the training loop (lung_models.training)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -71,6 +72,11 @@ def test_a_rotation_probability_outside_0_to_1_is_refused():
         _batches([0, 1], augmentation={"kind": "volume_rotation", "angles": ANGLES, "probability": 50})
 
 
+def test_an_unknown_augmentation_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown augmentation kind 'volume_rotate'"):
+        _batches([0, 1], augmentation={"kind": "volume_rotate", "angles": ANGLES})
+
+
 @pytest.mark.parametrize("probability, rotated", [(None, "all"), (1.0, "all"), (0.0, "none"), (0.5, "some")])
 def test_volume_rotation_applies_to_the_configured_share_of_volumes(probability, rotated):
     # No probability: every volume, as the documented recipe does; "probability" is our addition.
@@ -109,3 +115,9 @@ def test_train_hands_the_recipes_batch_balance_to_the_training_batches(tmp_path,
         training.train(entry.spec, entry.build, PreparedData(tmp_path), recipe, tmp_path / "run",
                        input_shape=(48, 48, 48, 1))
     assert seen == [balanced]
+
+
+def test_an_unknown_learning_rate_schedule_is_refused():
+    recipe = registry.get("chest-cnn").spec.recipe
+    with pytest.raises(ValueError, match="unknown lr_schedule kind 'cosine_decay'"):
+        training.make_optimizer(dataclasses.replace(recipe, lr_schedule={"kind": "cosine_decay"}))
