@@ -104,9 +104,16 @@ def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
     vol, spacing = _volume(5)
     _nifti(root / "good" / "scan.nii.gz", vol.astype(np.int16), spacing)
     good_series = _series(root / "good" / "series", 6)
+    # Unusual but fine: a mixed-case NIfTI suffix (nibabel alone looks for "scan.nii.gz"), and a
+    # CT slice with a burnt-in red ruler (a CT slice, not a histology tile).
+    _nifti(root / "good" / "upper.nii.gz", vol.astype(np.int16), spacing).rename(root / "good" / "Upper.Nii.gz")
+    ruler = np.repeat(good_slice[..., None], 3, axis=2)
+    ruler[4:8, 4:124] = (255, 0, 0)
+    _png(root / "good" / "slice_with_ruler.png", ruler)
     expected: dict[str, tuple[str, str]] = {
         "good/slice.png": ("ok", ""), "good/tile.png": ("ok", ""), "good/tile.jpg": ("ok", ""),
-        "good/scan.nii.gz": ("ok", ""), "good/series": ("ok", ""),
+        "good/scan.nii.gz": ("ok", ""), "good/series": ("ok", ""), "good/Upper.Nii.gz": ("ok", ""),
+        "good/slice_with_ruler.png": ("ok", ""),
         **{p.relative_to(root).as_posix(): ("ok", "") for p in good_series},
     }
     bad = root / "bad"
@@ -176,6 +183,26 @@ def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
     expected["bad/absurd.nii"] = ("rejected", "too large")
     _nifti(bad / "mr_like.nii.gz", (vol.astype(np.float32) + 1024) / 16, spacing)
     expected["bad/mr_like.nii.gz"] = ("rejected", "Hounsfield")
+    # Grey levels that are not an 8-bit display export: stretching them would score ok with a
+    # contrast the model never saw.
+    hu_slice = np.full((64, 64), -1000.0, np.float32)
+    hu_slice[16:48, 16:48] = 40.0
+    _png(bad / "sixteen_bit.png", (hu_slice + 1024).astype(np.uint16))
+    expected["bad/sixteen_bit.png"] = ("rejected", "not an 8-bit export")
+    _png(bad / "float_hu.tif", hu_slice)
+    expected["bad/float_hu.tif"] = ("rejected", "not an 8-bit export")
+    Image.fromarray(good_slice).save(bad / "two_pages.tif", save_all=True, append_images=[Image.fromarray(good_slice)])
+    expected["bad/two_pages.tif"] = ("rejected", "2 frames")
+    # A name that is not valid UTF-8 (Latin-1 from an old export tool): one row, not a crashed night.
+    (bad / "slice_\udce9.png").write_bytes(png.read_bytes())
+    expected["bad/slice_\\xe9.png"] = ("rejected", "not valid UTF-8")
+    # A series whose last slice arrived empty: without it the series would look complete.
+    broken = _series(bad / "series_empty_end", 8)
+    broken[-1].write_bytes(b"")
+    expected["bad/series_empty_end"] = ("rejected", "cannot be read as DICOM")
+    expected[broken[-1].relative_to(root).as_posix()] = ("rejected", "empty")
+    for f in broken[:-1]:
+        expected[f.relative_to(root).as_posix()] = ("ok", "")
     # A link out of the input folder.
     secret = outside / "elsewhere.png"
     _png(secret, good_slice)
@@ -608,3 +635,10 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
     assert len(by_key[("series", "dicom_series")].files) == len(files)  # assembled whole again
     assert by_key[("series/pipe.dcm", "refused")].kind == "ct_slice"
     assert by_key[("series/preview.png", "refused")].refusal_status == "rejected"
+
+
+def test_a_ct_slice_with_a_coloured_annotation_goes_to_the_ct_models(corpus_run):
+    """A burnt-in red ruler colours 3% of the slice; the share of coloured pixels, not their mean,
+    tells a CT slice from a stained tile (see scoring.input_kind)."""
+    rows = corpus_run["first"][corpus_run["first"].relative_path == "good/slice_with_ruler.png"]
+    assert set(rows.model) == _models_for("ct_slice") and set(rows.status) == {"ok"}

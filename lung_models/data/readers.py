@@ -17,8 +17,8 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 # A volume larger than this (in voxels) is refused from its header, before any allocation.
 MAX_VOLUME_VOXELS = 1024 * 1024 * 1024 // 4  # 256 Mi voxels = 1 GiB as float32
 # Changes whenever the readers turn the same file into a different array (training caches key on it):
-# 2 = NIfTI volumes reoriented to closest-canonical RAS.
-READER_VERSION = 2
+# 2 = NIfTI volumes reoriented to closest-canonical RAS; 3 = 16-bit/float and multi-frame images refused.
+READER_VERSION = 3
 # Smaller than this on either side cannot be a CT slice or a histology tile (icons, thumbnails).
 MIN_IMAGE_SIDE = 32
 # Every chest CT has air (about -1000 HU) in it; a volume whose darkest voxel is above this is not
@@ -55,11 +55,17 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "I;16" or img.mode == "I":
-                # 16-bit grayscale: scale to 8 bits rather than clip.
-                arr = np.asarray(img, dtype=np.float32)
-                span = float(arr.max() - arr.min()) or 1.0
-                return np.repeat(((arr - arr.min()) / span * 255).astype(np.uint8)[..., None], 3, axis=2)
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise InputError(path, f"image holds {frames} frames (a multi-page TIFF or animated PNG); only "
+                                 "one would be scored", "send one slice or tile per file")
+            if img.mode.startswith(("I", "F")):
+                # 16-bit or float grey levels are raw values (stored pixels, HU, HU + 1024...), not the
+                # 8-bit display-windowed export the models learnt from; stretching them to 0-255 gives
+                # a contrast the model never saw, and a wrong score marked ok.
+                raise InputError(path, f"{img.mode} greyscale image ({'float' if img.mode == 'F' else '16/32-bit'} "
+                                 "values), not an 8-bit export", "send the slice as DICOM (it is then windowed "
+                                 "as in training) or as an 8-bit PNG/JPEG exported with a display window")
             if min(img.size) < MIN_IMAGE_SIDE:
                 raise InputError(path, f"image of {img.size[0]}x{img.size[1]} pixels is too small to be a scan or "
                                  f"a tile (under {MIN_IMAGE_SIDE} pixels a side)", "send the full-resolution image")
@@ -97,7 +103,7 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     if path.stat().st_size == 0:
         raise InputError(path, "empty file (0 bytes)", "re-export or re-transfer the volume")
     try:
-        img = nib.load(str(path))
+        img = _load_nifti(path)
         shape = tuple(int(s) for s in img.shape)
     except OSError as exc:
         if exc.errno is not None:
@@ -141,6 +147,26 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     if not np.isfinite(data).all():
         raise InputError(path, "volume contains NaN or infinite voxels", "re-export the volume")
     return data, spacing
+
+
+def _load_nifti(path: Path):
+    """``nib.load``; for a name whose suffix nibabel rewrites (``Scan.Nii.gz``, ``x.Nii``: it then
+    opens a lower-cased name that does not exist), the file itself through a file map instead."""
+    import nibabel as nib
+    from nibabel.fileholders import FileHolder
+
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        if not path.is_file():
+            raise
+    first: Exception | None = None
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return klass.from_file_map({"header": FileHolder(str(path)), "image": FileHolder(str(path))})
+        except Exception as exc:  # noqa: BLE001 - not this class's header: try the next, then report the first
+            first = first or exc
+    raise first
 
 
 def check_ct_intensities(path: str | Path, volume: np.ndarray) -> np.ndarray:

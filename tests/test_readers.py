@@ -1,0 +1,81 @@
+"""Incoming files that decode but would be scored wrongly, or that crash on their name alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from lung_models import scoring
+from lung_models.data import dicom, phantoms
+from lung_models.data.readers import InputError, read_nifti_hu, read_rgb_image
+
+SLICE = phantoms.ct_slice("normal", np.random.default_rng(1), size=128)
+
+
+def _hu_slice() -> np.ndarray:
+    hu = np.full((64, 64), -1000.0, np.float32)
+    hu[16:48, 16:48] = 40.0
+    return hu
+
+
+@pytest.mark.parametrize("name, image, word", [
+    ("sixteen.png", lambda: Image.fromarray((_hu_slice() + 1024).astype(np.uint16)), "I;16 greyscale"),
+    ("hu.tif", lambda: Image.fromarray(_hu_slice()), "F greyscale"),
+])
+def test_high_bit_depth_grey_images_are_refused_not_stretched(tmp_path, name, image, word):
+    path = tmp_path / name
+    image().save(path)
+    with pytest.raises(InputError, match=f"{name}: {word}.*not an 8-bit export; send the slice as DICOM"):
+        read_rgb_image(path)
+
+
+def test_a_multi_page_tiff_is_refused(tmp_path):
+    path = tmp_path / "pages.tif"
+    Image.fromarray(SLICE).save(path, save_all=True, append_images=[Image.fromarray(255 - SLICE)])
+    with pytest.raises(InputError, match="pages.tif: image holds 2 frames.*one slice or tile per file"):
+        read_rgb_image(path)
+
+
+@pytest.mark.parametrize("name", ["Scan.Nii.gz", "Scan.Nii", "SCAN.NII.GZ"])
+def test_a_mixed_case_nifti_name_reads_like_a_lower_case_one(tmp_path, name):
+    vol, affine = phantoms.ct_volume("normal", np.random.default_rng(2), in_plane=32, slices=12)
+    suffix = ".nii.gz" if name.lower().endswith(".gz") else ".nii"
+    lower = tmp_path / f"scan{suffix}"
+    nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), str(lower))
+    data, spacing = read_nifti_hu(lower)
+    mixed = lower.rename(tmp_path / name)
+    data2, spacing2 = read_nifti_hu(mixed)
+    assert spacing2 == spacing and np.array_equal(data2, data)
+
+
+def test_a_ct_slice_with_a_burnt_in_ruler_is_still_a_ct_slice(tmp_path):
+    ruler = np.repeat(SLICE[..., None], 3, axis=2)
+    ruler[4:8, 4:124] = (255, 0, 0)  # about 3% of the pixels
+    Image.fromarray(ruler).save(tmp_path / "ruler.png")
+    Image.fromarray(phantoms.histology_tile("lung_n", np.random.default_rng(3), 128)).save(tmp_path / "tile.png")
+    assert scoring.input_kind(tmp_path / "ruler.png") == "ct_slice"
+    assert scoring.input_kind(tmp_path / "tile.png") == "histology_tile"
+
+
+def test_a_name_that_is_not_utf8_is_refused_by_name_not_a_crash(tmp_path):
+    Image.fromarray(SLICE).save(tmp_path / "ok.png")
+    (tmp_path / "slice_\udce9.png").write_bytes((tmp_path / "ok.png").read_bytes())
+    found = {i.key: i for i in scoring.discover(tmp_path).items}
+    assert set(found) == {"ok.png", "slice_\\xe9.png"}
+    bad = found["slice_\\xe9.png"]
+    assert bad.refusal_status == "rejected" and "not valid UTF-8" in bad.refusal
+    bad.key.encode("utf-8")  # what SQLite and the CSV need
+
+
+def test_a_series_with_an_unreadable_slice_in_its_folder_is_rejected_not_scored_short(tmp_path):
+    vol, affine = phantoms.ct_volume("normal", np.random.default_rng(4), in_plane=32, slices=10)
+    files = dicom.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), tmp_path / "series")
+    files[-1].write_bytes(b"")  # the last slice arrived empty
+    series = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+    assert len(series) == 1 and series[0].refusal_status == "rejected", series
+    assert f"{files[-1].name} in its folder cannot be read as DICOM" in series[0].refusal
+    assert Path(series[0].files[-1]).name == files[-1].name  # its hash covers the broken file too
