@@ -72,6 +72,9 @@ class TrainingRecipe:
     balanced_batches: bool = False
 
 
+RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingRecipe))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -102,20 +105,18 @@ class ModelSpec:
             raise ValueError(f"{self.name}: a sigmoid output needs exactly two class names")
         # A profile holds recipe fields and generated-data options (generated_*); anything else is
         # a typo that would otherwise be dropped without a word.
-        fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
         for profile, values in self.profiles.items():
-            unknown = sorted(k for k in values if k not in fields and not k.startswith("generated_"))
+            unknown = sorted(k for k in values if k not in RECIPE_FIELDS and not k.startswith("generated_"))
             if unknown:
                 raise ValueError(f"{self.name}: profile {profile!r} has unknown keys {unknown}; a profile "
-                                 f"takes TrainingRecipe fields ({', '.join(sorted(fields))}) or generated_* "
+                                 f"takes TrainingRecipe fields ({', '.join(sorted(RECIPE_FIELDS))}) or generated_* "
                                  "data options")
 
     def recipe_for(self, profile: str = "full", **overrides: Any) -> TrainingRecipe:
         """The recipe of a profile (``full`` = documented values), with explicit overrides on top."""
         if profile != "full" and profile not in self.profiles:
             raise KeyError(f"{self.name}: no profile {profile!r}; known: full, {', '.join(self.profiles)}")
-        fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
-        values = {k: v for k, v in self.profiles.get(profile, {}).items() if k in fields}
+        values = {k: v for k, v in self.profiles.get(profile, {}).items() if k in RECIPE_FIELDS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(self.recipe, **values)
 

@@ -51,7 +51,7 @@ VOLUME_BATCH = 2
 # grey levels on average (JPEG chroma noise in a grey slice stays under it); an image is a histology
 # tile when at least this share of its pixels is coloured.
 COLOUR_SPREAD = 4.0
-HISTOLOGY_COLOURED_SHARE = 0.2
+HISTOLOGY_COLOURED_SHARE = 0.05
 DEFAULT_SETTLE_SECONDS = 60.0
 
 
@@ -142,6 +142,7 @@ class _Walk:
     # assembled there this run (a series missing its newest slices would be scored as complete).
     unsettled_folders: dict[Path, str] = field(default_factory=dict)
     newest_mtime: dict[Path, float] = field(default_factory=dict)
+    undecodable: set[Path] = field(default_factory=set)  # scans refused for a name that is not UTF-8
 
     def skip(self, rel: str, why: str) -> None:
         self.found.skipped.append((rel, why))
@@ -198,11 +199,10 @@ def shown_name(rel: str) -> str:
 
 def _discover_file(walk: _Walk, path: Path) -> None:
     """Classify, stat and hash one directory entry; add an item, a refusal or a skip to ``walk``."""
-    rel, name, folder = path.relative_to(walk.root).as_posix(), path.name, path.parent
+    raw_rel = path.relative_to(walk.root).as_posix()
+    rel, name, folder = shown_name(raw_rel), shown_name(path.name), path.parent
+    undecodable = rel != raw_rel  # refused once it is known to be a regular file and a scan (below)
     by_name = file_kind(path)
-    if shown_name(rel) != rel:
-        _refuse_undecodable_name(walk, path, rel, by_name)
-        return
     try:
         link = path.lstat()
     except OSError:
@@ -273,29 +273,13 @@ def _discover_file(walk: _Walk, path: Path) -> None:
     if source == "image":
         kind = input_kind(path)
     elif source == "dicom":
-        walk.dicom_files[path] = (sha, key)
+        walk.dicom_files[path] = (sha, key)  # still grouped: its series is then refused, not scored short
+    if undecodable:  # SQLite and a UTF-8 CSV cannot hold the name: one row naming it escaped, not a crashed night
+        walk.undecodable.add(path)
+        walk.refuse(rel, kind, sha, REJECTED, f"{rel}: the file or folder name is not valid UTF-8 (shown here "
+                                              "with \\x escapes), so reports cannot name it; rename it to UTF-8")
+        return
     walk.found.items.append(Item(rel, kind, source, (rel,), sha, (key,)))
-
-
-def _refuse_undecodable_name(walk: _Walk, path: Path, rel: str, by_name: str | None) -> None:
-    """A scan whose name (or folder name) is not valid UTF-8: one ``rejected`` row naming it with
-    escapes, never a crash of the whole run. A DICOM slice among them keeps its folder's series
-    from being assembled without it."""
-    shown = shown_name(rel)
-    if by_name is None:
-        try:
-            if not dicom.is_dicom_file(path):
-                return  # not a scan (notes, checksums): ignored, as under a readable name
-        except OSError:
-            walk.unsettled_folders[path.parent] = f"{shown_name(path.name)} cannot be read"
-            walk.skip(shown, "cannot be read to tell whether it is a DICOM slice; give the scoring user read access")
-            return
-    kind = _kind_by_name(by_name)
-    if kind == CT_SLICE:
-        walk.unsettled_folders[path.parent] = f"{shown_name(path.name)} has a name that is not valid UTF-8 (rename it)"
-    walk.refuse(shown, kind, sha256_bytes(b"undecodable name " + os.fsencode(rel)), REJECTED,
-                f"{shown}: the file or folder name is not valid UTF-8 (shown here with \\x escapes), so reports "
-                "cannot name it; rename it to a UTF-8 name")
 
 
 def _kind_by_name(by_name: str | None) -> str:
@@ -308,20 +292,23 @@ def _series_items(walk: _Walk) -> list[Item]:
     A folder with a slice still arriving or unreadable, or changed within the settling time, gets
     no series this run: it is named in the skipped list and a later run assembles it."""
     series, unreadable = dicom.group_series(walk.dicom_files)  # bad headers: their slice rows say why
-    broken: dict[Path, list[Path]] = {}  # folder -> its slices whose header is broken (content, not access)
+    # Per folder, the files that may be a missing slice of its series: broken content (empty,
+    # truncated, not DICOM) or a name reports cannot hold. A readable file naming no series
+    # (a DICOMDIR) is not one of them.
+    suspects: dict[Path, dict[Path, str]] = {}
     for path, problem in unreadable.items():
         if isinstance(problem, dicom.SliceUnreadable):  # gone or unreadable since it was hashed
             walk.unsettled_folders[path.parent] = f"{path.name} cannot be read"
-        else:
-            broken.setdefault(path.parent, []).append(path)
+        elif not isinstance(problem, dicom.SliceWithoutSeries):
+            suspects.setdefault(path.parent, {})[path] = f"cannot be read as DICOM ({problem})"
+    for path in walk.undecodable:
+        suspects.setdefault(path.parent, {}).setdefault(path, "has a name that is not valid UTF-8")
     items = []
     for s in series:
         if len(s.files) < 2:
             continue
-        key = s.folder.relative_to(walk.root).as_posix()
-        if s.folder in broken and s.folder not in walk.unsettled_folders:
-            items.append(_broken_series_item(walk, s, key, broken[s.folder], unreadable))
-            continue
+        raw_key = s.folder.relative_to(walk.root).as_posix()
+        key = shown_name(raw_key)
         age = walk.now - walk.newest_mtime.get(s.folder, 0.0)
         why = walk.unsettled_folders.get(s.folder) or (
             f"the folder changed {age:.0f} s ago" if walk.settle_seconds and 0 <= age < walk.settle_seconds else "")
@@ -329,29 +316,38 @@ def _series_items(walk: _Walk) -> list[Item]:
             walk.skip(f"{key} (series {s.uid_hash})", f"DICOM series not assembled this run: {why}; "
                                                       "a later run scores it")
             continue
+        if key != raw_key or s.folder in suspects:
+            items.append(_refused_series(walk, s, key, suspects.get(s.folder, {}), folder_named=key != raw_key))
+            continue
         rels = tuple(f.relative_to(walk.root).as_posix() for f in s.files)
-        digest = sha256_bytes("\n".join(f"{r} {walk.dicom_files[f][0]}" for r, f in zip(rels, s.files)).encode())
-        items.append(Item(key, CT_VOLUME, "dicom_series", rels, digest, tuple(walk.dicom_files[f][1] for f in s.files),
-                          series_uid_hash=s.uid_hash))
+        items.append(Item(key, CT_VOLUME, "dicom_series", rels, _series_digest(walk, s.files),
+                          tuple(walk.dicom_files[f][1] for f in s.files), series_uid_hash=s.uid_hash))
     return items
 
 
-def _broken_series_item(walk: _Walk, s: dicom.DicomSeries, key: str, broken: list[Path],
-                        problems: dict[Path, Exception]) -> Item:
-    """A series whose folder also holds a DICOM file with a broken header (empty, truncated, no
-    series UID): that file may be one of its slices, and a series missing a slice would be scored
-    as complete, so the series is ``rejected`` with the file's problem. Its hash covers the broken
-    files too: once they are fixed or removed, the series is scored."""
-    files = sorted([*s.files, *broken], key=lambda p: (p.name, str(p)))
-    rels = tuple(f.relative_to(walk.root).as_posix() for f in files)
-    digest = sha256_bytes(("broken series\n" + "\n".join(
-        f"{r} {walk.dicom_files[f][0]}" for r, f in zip(rels, files))).encode())
-    first = broken[0]
-    more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
-    why = (f"{key}: DICOM series not scored: {first.name}{more} in its folder cannot be read as DICOM "
-           f"({problems[first]}), so the series may be missing a slice; fix or remove that file and the "
-           "series is scored by the next run")
-    return Item(key, CT_VOLUME, "dicom_series", rels, digest, series_uid_hash=s.uid_hash,
+def _series_digest(walk: _Walk, files: Iterable[Path], tag: str = "") -> str:
+    """A series' identity: its slices' relative paths and content hashes (plus ``tag``)."""
+    return sha256_bytes((tag + "\n".join(f"{shown_name(f.relative_to(walk.root).as_posix())} {walk.dicom_files[f][0]}"
+                                         for f in files)).encode())
+
+
+def _refused_series(walk: _Walk, s: dicom.DicomSeries, key: str, suspects: dict[Path, str],
+                    folder_named: bool) -> Item:
+    """A series that is ``rejected`` rather than scored: its folder's name is not UTF-8, or the
+    folder holds a file that may be one of its slices but cannot be read as one (a series missing
+    a slice would be scored as complete). The hash covers those files too, so once they are fixed,
+    renamed or removed the series is scored; unchanged, it is reported once."""
+    files = sorted({*s.files, *suspects}, key=lambda p: (p.name, str(p)))
+    if folder_named:
+        why = (f"{key}: DICOM series not scored: the folder name is not valid UTF-8 (shown here with \\x "
+               "escapes), so reports cannot name it; rename the folder to UTF-8")
+    else:
+        first, reason = sorted(suspects.items())[0]
+        more = f" (and {len(suspects) - 1} more files)" if len(suspects) > 1 else ""
+        why = (f"{key}: DICOM series not scored: {shown_name(first.name)} in its folder {reason}{more}, so the "
+               "series may be missing a slice; fix, rename or remove that file and a later run scores the series")
+    return Item(key, CT_VOLUME, "dicom_series", tuple(shown_name(f.relative_to(walk.root).as_posix()) for f in files),
+                _series_digest(walk, files, tag="refused series\n"), series_uid_hash=s.uid_hash,
                 refusal_status=REJECTED, refusal=why)
 
 
@@ -365,13 +361,15 @@ def input_kind(path: Path) -> str:
             if img.mode in ("1", "L", "LA") or img.mode.startswith(("I", "F")):
                 return CT_SLICE
             img.draft("RGB", (128, 128))  # JPEG: decode at reduced size, it is only a colour check
-            thumb = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.int16)
+            thumb = np.asarray(img.convert("RGB").resize((128, 128)), dtype=np.int16)
     except Exception:  # noqa: BLE001 - any failure: let the readers name the problem on the row
         return "image"
     # Stained tissue is colourful almost everywhere; a CT slice saved as RGB has (nearly) equal
     # channels, except where a coloured annotation (a ruler, a marker) is burnt in. So the share of
-    # coloured pixels decides, not their mean: on ../shared/data it is at most 1.5% for the 685
-    # chest CT slices and at least 44% for the 900 LC25000 tiles.
+    # coloured pixels decides, not their mean: on ../shared/data it is at most 0.8% for the 685
+    # chest CT slices and at least 44% for the 900 LC25000 tiles; 5% keeps a ruler over 3% of a
+    # slice with the CT models and a tile at a tissue edge (10% tissue on glass) with the tile models.
+    # (At 128 px a thin line stays thin; a 64 px thumbnail smeared a 3% ruler over 6%.)
     spread = np.abs(thumb - thumb.mean(axis=2, keepdims=True)).mean(axis=2)
     return HISTOLOGY_TILE if (spread > COLOUR_SPREAD).mean() >= HISTOLOGY_COLOURED_SHARE else CT_SLICE
 

@@ -117,3 +117,18 @@ def test_a_profile_can_cap_files_per_class_and_an_explicit_cap_wins(tmp_path):
     assert split_sizes("chest-cnn", profile="demo") == {"train": 180, "val": 12, "test": 12}
     assert split_sizes("chest-resnet50", profile="full") == {"train": 180, "val": 12, "test": 12}
     assert split_sizes("chest-resnet50", max_per_class=5, profile="demo") == {"train": 20, "val": 12, "test": 12}
+
+
+def test_a_split_where_no_file_can_be_read_is_an_error_saying_why(tmp_path):
+    """16-bit PNGs are refused one by one (each recorded); a split left with none says so, rather
+    than failing inside numpy."""
+    rng = np.random.default_rng(0)
+    for split, folders in (("train", CHEST_TRAIN), ("valid", CHEST_TRAIN), ("test", CHEST_TEST)):
+        for folder in folders:
+            for i in range(2):
+                path = tmp_path / "data" / "Data" / split / folder / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 4096, (40, 40), dtype=np.uint16)).save(path)
+    spec = registry.get("chest-cnn").spec
+    with pytest.raises(ValueError, match=r"none of the 8 train files .* could be read \(the first: 0.png: I;16"):
+        datasets.prepare(spec, tmp_path / "data", tmp_path / "cache")

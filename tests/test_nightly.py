@@ -635,10 +635,3 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
     assert len(by_key[("series", "dicom_series")].files) == len(files)  # assembled whole again
     assert by_key[("series/pipe.dcm", "refused")].kind == "ct_slice"
     assert by_key[("series/preview.png", "refused")].refusal_status == "rejected"
-
-
-def test_a_ct_slice_with_a_coloured_annotation_goes_to_the_ct_models(corpus_run):
-    """A burnt-in red ruler colours 3% of the slice; the share of coloured pixels, not their mean,
-    tells a CT slice from a stained tile (see scoring.input_kind)."""
-    rows = corpus_run["first"][corpus_run["first"].relative_path == "good/slice_with_ruler.png"]
-    assert set(rows.model) == _models_for("ct_slice") and set(rows.status) == {"ok"}

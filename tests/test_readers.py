@@ -52,13 +52,18 @@ def test_a_mixed_case_nifti_name_reads_like_a_lower_case_one(tmp_path, name):
     assert spacing2 == spacing and np.array_equal(data2, data)
 
 
-def test_a_ct_slice_with_a_burnt_in_ruler_is_still_a_ct_slice(tmp_path):
+def test_a_ct_slice_with_a_burnt_in_ruler_is_still_a_ct_slice_and_a_sparse_tile_still_a_tile(tmp_path):
     ruler = np.repeat(SLICE[..., None], 3, axis=2)
     ruler[4:8, 4:124] = (255, 0, 0)  # about 3% of the pixels
     Image.fromarray(ruler).save(tmp_path / "ruler.png")
-    Image.fromarray(phantoms.histology_tile("lung_n", np.random.default_rng(3), 128)).save(tmp_path / "tile.png")
+    tile = phantoms.histology_tile("lung_n", np.random.default_rng(3), 128)
+    Image.fromarray(tile).save(tmp_path / "tile.png")
+    edge = np.full_like(tile, 245)  # a tile at the tissue's edge: 10% tissue, the rest bare glass
+    edge[:, :13] = tile[:, :13]
+    Image.fromarray(edge).save(tmp_path / "edge.png")
     assert scoring.input_kind(tmp_path / "ruler.png") == "ct_slice"
     assert scoring.input_kind(tmp_path / "tile.png") == "histology_tile"
+    assert scoring.input_kind(tmp_path / "edge.png") == "histology_tile"
 
 
 def test_a_name_that_is_not_utf8_is_refused_by_name_not_a_crash(tmp_path):
@@ -79,3 +84,84 @@ def test_a_series_with_an_unreadable_slice_in_its_folder_is_rejected_not_scored_
     assert len(series) == 1 and series[0].refusal_status == "rejected", series
     assert f"{files[-1].name} in its folder cannot be read as DICOM" in series[0].refusal
     assert Path(series[0].files[-1]).name == files[-1].name  # its hash covers the broken file too
+
+
+def _series_in(folder: Path, seed: int = 4) -> list[Path]:
+    vol, affine = phantoms.ct_volume("normal", np.random.default_rng(seed), in_plane=32, slices=10)
+    return dicom.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), folder)
+
+
+def test_a_non_utf8_pipe_or_outside_link_is_neither_opened_nor_waited_on(tmp_path):
+    import os
+    import threading
+
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    Image.fromarray(SLICE).save(outside / "secret.png")
+    os.mkfifo(folder / "pipe_\udcff")  # extensionless: discovery would open it to look for a DICOM preamble
+    os.mkfifo(folder / "pipe_\udcff.dcm")
+    (folder / "link_\udcff.png").symlink_to(outside / "secret.png")
+    result: dict[str, list] = {}
+    worker = threading.Thread(target=lambda: result.update(items=scoring.discover(folder).items), daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # release the blocked open() so the test run itself can end
+        for name in ("pipe_\udcff", "pipe_\udcff.dcm"):
+            os.close(os.open(folder / name, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("discovery blocked on a named pipe")
+    found = {i.key: i for i in result["items"]}
+    assert set(found) == {"pipe_\\xff.dcm", "link_\\xff.png"}
+    assert "not a regular file" in found["pipe_\\xff.dcm"].refusal
+    assert "outside the input folder" in found["link_\\xff.png"].refusal
+
+
+def test_a_dicomdir_beside_a_series_does_not_hold_it_back(tmp_path):
+    import pydicom
+
+    files = _series_in(tmp_path / "cd")
+    ds = pydicom.dcmread(files[0])
+    for tag in ("SeriesInstanceUID", "FrameOfReferenceUID"):
+        if tag in ds:
+            delattr(ds, tag)
+    ds.save_as(tmp_path / "cd" / "DICOMDIR")
+    series = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+    assert len(series) == 1 and not series[0].refusal and len(series[0].files) == len(files)
+
+
+def test_a_series_in_a_folder_named_in_latin1_is_one_rejected_series_row(tmp_path):
+    _series_in(tmp_path / "patient_\udce9")
+    series = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+    assert len(series) == 1 and series[0].key == "patient_\\xe9" and series[0].refusal_status == "rejected"
+    assert "folder name is not valid UTF-8" in series[0].refusal
+
+
+def test_a_broken_series_is_reported_once_and_scored_once_the_slice_is_removed(tmp_path):
+    files = _series_in(tmp_path / "series")
+    files[-1].write_bytes(b"")
+
+    def series_item():
+        (item,) = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+        return item
+
+    first, again = series_item(), series_item()
+    assert first.refusal and again.sha256 == first.sha256  # same ledger key: one row, not one a night
+    files[-1].unlink()
+    fixed = series_item()
+    assert not fixed.refusal and fixed.sha256 != first.sha256 and len(fixed.files) == len(files) - 1
+
+
+def test_a_series_still_being_transferred_waits_rather_than_being_rejected(tmp_path):
+    import os
+    import time
+
+    files = _series_in(tmp_path / "series")
+    old = time.time() - 3600
+    for f in files:
+        os.utime(f, (old, old))
+    files[-1].write_bytes(b"")  # a slice left empty, beside a transfer that is still writing
+    os.utime(files[-1], (old, old))
+    (tmp_path / "series" / ".rsync_tmp").write_bytes(b"partial")
+    incoming = scoring.discover(tmp_path, settle_seconds=60)
+    assert not [i for i in incoming.items if i.source == "dicom_series"]
+    assert any(key.startswith("series (series ") for key, _ in incoming.skipped), incoming.skipped

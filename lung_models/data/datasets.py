@@ -256,6 +256,14 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
                 manifest["skipped"].append({"path": str(item.path), "reason": str(exc)})
             if n % 50 == 0 or n == len(splits[name]):
                 say(f"{spec.name}: preprocessed {n}/{len(splits[name])} {name} files")
+        if not kept:  # say why, not numpy's "need at least one array to stack"
+            if not splits[name]:
+                raise ValueError(f"{spec.name}: the {name} split under {root} has no files (after dropping "
+                                 f"byte-identical duplicates: {len(duplicates)}); add files to it")
+            first = manifest["skipped"][-len(splits[name])]["reason"]
+            raise ValueError(f"{spec.name}: none of the {len(splits[name])} {name} files under {root} could be "
+                             f"read (the first: {first}); fix or convert them (8-bit PNG/JPEG, 3-D NIfTI in HU) "
+                             "and run again")
         x = np.stack([a for _, a in kept]).astype(preprocess.cached_dtype(params))
         y = np.array([i.label for i, _ in kept], dtype=np.int64)
         np.save(folder / f"{name}_x.npy", x)

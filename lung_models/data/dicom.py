@@ -455,26 +455,36 @@ class SliceUnreadable(InputError):
     because of its content: its series must wait for a later run rather than be assembled without it."""
 
 
+class SliceWithoutSeries(InputError):
+    """A readable DICOM file that names no series (a DICOMDIR, or UIDs removed by an anonymiser): it
+    cannot be one of a series' slices, so it does not hold that series back."""
+
+
 @_quiet_pydicom()
 def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, InputError]]:
     """Group DICOM files by (parent folder, SeriesInstanceUID), reading headers only.
 
     Returns the series (sorted by folder, uid_hash) and the files whose header could not be read with their
-    error. A file without SeriesInstanceUID is an error for that file, unless the UID was blanked by an
-    anonymiser and a FrameOfReferenceUID can stand in for it (see ``_series_key``). Grouping per folder keeps
-    two copies of the same series in two folders apart.
+    error. A file without SeriesInstanceUID is a SliceWithoutSeries error for that file, unless the UID was
+    blanked by an anonymiser and a FrameOfReferenceUID can stand in for it (see ``_series_key``). Grouping per
+    folder keeps two copies of the same series in two folders apart.
     """
     groups: dict[tuple[Path, str], list[Path]] = {}
     errors: dict[Path, InputError] = {}
     for path in sorted({Path(p) for p in paths}):
         try:
-            key = _series_key(_read_dataset(path, pixels=False))
+            ds = _read_dataset(path, pixels=False)
         except _Problem as p:
             errors[path] = InputError(path, p.problem, p.fix)
             continue
         except OSError as exc:  # vanished or unreadable since it was listed: the system's fault, not the file's
             errors[path] = SliceUnreadable(path, f"cannot be read ({exc.strerror or type(exc).__name__})",
                                            "check the file system and the scoring user's permissions")
+            continue
+        try:
+            key = _series_key(ds)
+        except _Problem as p:
+            errors[path] = SliceWithoutSeries(path, p.problem, p.fix)
             continue
         groups.setdefault((path.parent, key), []).append(path)
     series = [DicomSeries(folder=folder, series_uid=key, uid_hash=_uid_hash(key),
