@@ -275,7 +275,8 @@ def _discover_file(walk: _Walk, path: Path) -> None:
     elif source == "dicom":
         walk.dicom_files[path] = (sha, key)  # still grouped: its series is then refused, not scored short
     if undecodable:  # SQLite and a UTF-8 CSV cannot hold the name: one row naming it escaped, not a crashed night
-        walk.undecodable.add(path)
+        if source == "dicom":
+            walk.undecodable.add(path)
         walk.refuse(rel, kind, sha, REJECTED, f"{rel}: the file or folder name is not valid UTF-8 (shown here "
                                               "with \\x escapes), so reports cannot name it; rename it to UTF-8")
         return
@@ -298,10 +299,10 @@ def _series_items(walk: _Walk) -> list[Item]:
     suspects: dict[Path, dict[Path, str]] = {}
     for path, problem in unreadable.items():
         if isinstance(problem, dicom.SliceUnreadable):  # gone or unreadable since it was hashed
-            walk.unsettled_folders[path.parent] = f"{path.name} cannot be read"
+            walk.unsettled_folders[path.parent] = f"{shown_name(path.name)} cannot be read"
         elif not isinstance(problem, dicom.SliceWithoutSeries):
-            suspects.setdefault(path.parent, {})[path] = f"cannot be read as DICOM ({problem})"
-    for path in walk.undecodable:
+            suspects.setdefault(path.parent, {})[path] = shown_name(f"cannot be read as DICOM ({problem})")
+    for path in walk.undecodable:  # DICOM files only
         suspects.setdefault(path.parent, {}).setdefault(path, "has a name that is not valid UTF-8")
     items = []
     for s in series:
@@ -347,7 +348,7 @@ def _refused_series(walk: _Walk, s: dicom.DicomSeries, key: str, suspects: dict[
         why = (f"{key}: DICOM series not scored: {shown_name(first.name)} in its folder {reason}{more}, so the "
                "series may be missing a slice; fix, rename or remove that file and a later run scores the series")
     return Item(key, CT_VOLUME, "dicom_series", tuple(shown_name(f.relative_to(walk.root).as_posix()) for f in files),
-                _series_digest(walk, files, tag="refused series\n"), series_uid_hash=s.uid_hash,
+                _series_digest(walk, files, tag="broken series\n"), series_uid_hash=s.uid_hash,
                 refusal_status=REJECTED, refusal=why)
 
 
@@ -427,6 +428,8 @@ def _now() -> str:
 def result_row(model: LoadedModel | ModelBundle, item: Item, **values: Any) -> dict[str, Any]:
     """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
     bundle = model.bundle if isinstance(model, LoadedModel) else model
+    if "error" in values:  # a decoder's message may quote a file name SQLite and the CSV cannot hold
+        values["error"] = shown_name(values["error"])
     return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
             "model_version": bundle.version, "bundle_sha256": bundle.card["onnx_sha256"],
             "item_kind": item.source, "series_uid_hash": item.series_uid_hash,

@@ -285,6 +285,8 @@ def test_every_bad_input_gets_a_row_naming_it_and_every_good_one_is_scored(corpu
             else:  # "<file>: <problem>; <what to do>"
                 assert Path(key).name in row.error and row.predicted_class == "" and ";" in row.error, row.error
                 assert word.lower() in row.error.lower(), (key, row.error)
+    # A burnt-in red ruler (3% of the pixels) leaves a CT slice with the CT models.
+    assert set(df[df.relative_path == "good/slice_with_ruler.png"].model) == _models_for("ct_slice")
 
 
 def test_a_file_still_arriving_is_skipped_then_scored_and_nothing_is_scored_twice(corpus_run, factory):

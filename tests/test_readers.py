@@ -116,22 +116,61 @@ def test_a_non_utf8_pipe_or_outside_link_is_neither_opened_nor_waited_on(tmp_pat
     assert "outside the input folder" in found["link_\\xff.png"].refusal
 
 
+def _series_items(root: Path) -> list:
+    return [i for i in scoring.discover(root).items if i.source == "dicom_series"]
+
+
 def test_a_dicomdir_beside_a_series_does_not_hold_it_back(tmp_path):
-    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     files = _series_in(tmp_path / "cd")
-    ds = pydicom.dcmread(files[0])
-    for tag in ("SeriesInstanceUID", "FrameOfReferenceUID"):
-        if tag in ds:
-            delattr(ds, tag)
-    ds.save_as(tmp_path / "cd" / "DICOMDIR")
-    series = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = dicom.MEDIA_STORAGE_DIRECTORY
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    directory = Dataset()
+    directory.file_meta = meta
+    directory.FileSetID = "CD"
+    directory.DirectoryRecordSequence = []
+    directory.save_as(tmp_path / "cd" / "DICOMDIR", enforce_file_format=True)
+    series = _series_items(tmp_path)
     assert len(series) == 1 and not series[0].refusal and len(series[0].files) == len(files)
+
+
+def test_a_slice_cut_short_before_its_uids_still_holds_its_series_back(tmp_path):
+    import pydicom
+
+    files = _series_in(tmp_path / "series")
+    ds = pydicom.dcmread(files[-1])
+    for tag in list(ds.keys()):  # what is left of a file cut at the element before (0020,000D)
+        if tag >= 0x0020000D:
+            del ds[tag]
+    ds.save_as(files[-1])
+    (series,) = _series_items(tmp_path)
+    assert series.refusal_status == "rejected" and files[-1].name in series.refusal
+
+
+def test_a_non_utf8_preview_beside_a_series_is_refused_alone(tmp_path):
+    files = _series_in(tmp_path / "series")
+    Image.fromarray(SLICE).save(tmp_path / "series" / "preview_\udcff.png")
+    items = scoring.discover(tmp_path).items
+    (series,) = [i for i in items if i.source == "dicom_series"]
+    assert not series.refusal and len(series.files) == len(files)
+    assert [i.key for i in items if i.refusal] == ["series/preview_\\xff.png"]
+
+
+def test_a_broken_dicom_with_a_non_utf8_name_is_named_in_escapes(tmp_path):
+    _series_in(tmp_path / "series")
+    (tmp_path / "series" / "AAA_\udcff.dcm").write_bytes(b"")
+    (series,) = _series_items(tmp_path)
+    assert "AAA_\\xff.dcm" in series.refusal
+    series.refusal.encode("utf-8")  # what the ledger and the CSV need
 
 
 def test_a_series_in_a_folder_named_in_latin1_is_one_rejected_series_row(tmp_path):
     _series_in(tmp_path / "patient_\udce9")
-    series = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+    series = _series_items(tmp_path)
     assert len(series) == 1 and series[0].key == "patient_\\xe9" and series[0].refusal_status == "rejected"
     assert "folder name is not valid UTF-8" in series[0].refusal
 
@@ -165,3 +204,12 @@ def test_a_series_still_being_transferred_waits_rather_than_being_rejected(tmp_p
     incoming = scoring.discover(tmp_path, settle_seconds=60)
     assert not [i for i in incoming.items if i.source == "dicom_series"]
     assert any(key.startswith("series (series ") for key, _ in incoming.skipped), incoming.skipped
+
+
+def test_a_report_row_never_carries_a_name_the_ledger_cannot_store():
+    from types import SimpleNamespace
+
+    bundle = SimpleNamespace(name="m", version="v", card={"onnx_sha256": "x"})
+    item = scoring.Item("a.dcm", "ct_slice", "dicom", ("a.dcm",), "sha")
+    row = scoring.result_row(bundle, item, status="rejected", error="b_\udcff.dcm: empty file (0 bytes); resend")
+    assert row["error"] == "b_\\xff.dcm: empty file (0 bytes); resend"

@@ -456,8 +456,17 @@ class SliceUnreadable(InputError):
 
 
 class SliceWithoutSeries(InputError):
-    """A readable DICOM file that names no series (a DICOMDIR, or UIDs removed by an anonymiser): it
-    cannot be one of a series' slices, so it does not hold that series back."""
+    """A readable DICOM file that is no slice of any series (a DICOMDIR): it does not hold the series
+    in its folder back."""
+
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+
+
+def _is_directory(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    media = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return MEDIA_STORAGE_DIRECTORY in (media, _text(ds, "SOPClassUID")) or "DirectoryRecordSequence" in ds
 
 
 @_quiet_pydicom()
@@ -465,9 +474,9 @@ def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, I
     """Group DICOM files by (parent folder, SeriesInstanceUID), reading headers only.
 
     Returns the series (sorted by folder, uid_hash) and the files whose header could not be read with their
-    error. A file without SeriesInstanceUID is a SliceWithoutSeries error for that file, unless the UID was
-    blanked by an anonymiser and a FrameOfReferenceUID can stand in for it (see ``_series_key``). Grouping per
-    folder keeps two copies of the same series in two folders apart.
+    error (a DICOMDIR's is a SliceWithoutSeries). A file without SeriesInstanceUID is an error for that file,
+    unless the UID was blanked by an anonymiser and a FrameOfReferenceUID can stand in for it (see
+    ``_series_key``). Grouping per folder keeps two copies of the same series in two folders apart.
     """
     groups: dict[tuple[Path, str], list[Path]] = {}
     errors: dict[Path, InputError] = {}
@@ -484,7 +493,10 @@ def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, I
         try:
             key = _series_key(ds)
         except _Problem as p:
-            errors[path] = SliceWithoutSeries(path, p.problem, p.fix)
+            # Only a directory (DICOMDIR) is known to be no slice; a file without UIDs may be a slice
+            # cut short before them (pydicom reads a file cut at an element boundary without a word).
+            cls = SliceWithoutSeries if _is_directory(ds) else InputError
+            errors[path] = cls(path, p.problem, p.fix)
             continue
         groups.setdefault((path.parent, key), []).append(path)
     series = [DicomSeries(folder=folder, series_uid=key, uid_hash=_uid_hash(key),
