@@ -30,6 +30,17 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def report_text(text: str) -> str:
+    """``text`` as UTF-8 (SQLite, a CSV) can hold it: the bytes of a name that is not valid UTF-8,
+    which Python holds as surrogates, become ``\\xNN`` escapes; anything else is unchanged."""
+    if text.isascii():  # nearly every text: nothing to escape
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -63,7 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lung_models.fileutil import atomic_writer
+from lung_models.fileutil import atomic_writer, report_text
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,9 @@ class Ledger:
         bad = [k for k in row if not isinstance(k, str)]
         if bad:
             raise ValueError(f"ledger row column names must be str: {bad!r}")
-        return row
+        # A text UTF-8 cannot hold (a non-UTF-8 file name quoted in an error) would be stored, then
+        # fail every publish of the CSV after it: escape it here, whoever built the row.
+        return {k: report_text(v) if isinstance(v, str) else v for k, v in row.items()}
 
     # -- columns
     def _header(self, extras: Iterable[str]) -> list[str]:

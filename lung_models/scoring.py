@@ -36,7 +36,7 @@ from lung_models.data.readers import (
     read_rgb_image,
 )
 from lung_models.export import ort_session
-from lung_models.fileutil import sha256_bytes, sha256_file
+from lung_models.fileutil import report_text, sha256_bytes, sha256_file
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
                  settle_seconds)
 
     def unlistable(exc: OSError) -> None:
-        rel = shown_name(Path(exc.filename).relative_to(root).as_posix()) if exc.filename else "?"
+        rel = report_text(Path(exc.filename).relative_to(root).as_posix()) if exc.filename else "?"
         walk.skip(rel, f"folder cannot be listed ({exc.strerror}); give the scoring user read access to it")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
@@ -175,7 +175,7 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
         for d in list(dirnames):
             if (folder / d).is_symlink():  # os.walk does not descend into it; say so
                 dirnames.remove(d)
-                walk.skip(shown_name((folder / d).relative_to(root).as_posix()),
+                walk.skip(report_text((folder / d).relative_to(root).as_posix()),
                           "symbolic link to a folder: not followed; copy the files into the input folder")
         for name in sorted(filenames):
             if not name.startswith("."):
@@ -191,16 +191,10 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
     return walk.found
 
 
-def shown_name(rel: str) -> str:
-    """A path as it can be written to a report: a name that is not valid UTF-8 (Python holds its
-    stray bytes as surrogates, which neither SQLite nor a UTF-8 CSV can store) with ``\\xNN`` escapes."""
-    return os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
 def _discover_file(walk: _Walk, path: Path) -> None:
     """Classify, stat and hash one directory entry; add an item, a refusal or a skip to ``walk``."""
     raw_rel = path.relative_to(walk.root).as_posix()
-    rel, name, folder = shown_name(raw_rel), shown_name(path.name), path.parent
+    rel, name, folder = report_text(raw_rel), report_text(path.name), path.parent
     undecodable = rel != raw_rel  # refused once it is known to be a regular file and a scan (below)
     by_name = file_kind(path)
     try:
@@ -299,9 +293,9 @@ def _series_items(walk: _Walk) -> list[Item]:
     suspects: dict[Path, dict[Path, str]] = {}
     for path, problem in unreadable.items():
         if isinstance(problem, dicom.SliceUnreadable):  # gone or unreadable since it was hashed
-            walk.unsettled_folders[path.parent] = f"{shown_name(path.name)} cannot be read"
+            walk.unsettled_folders[path.parent] = f"{report_text(path.name)} cannot be read"
         elif not isinstance(problem, dicom.SliceWithoutSeries):
-            suspects.setdefault(path.parent, {})[path] = shown_name(f"cannot be read as DICOM ({problem})")
+            suspects.setdefault(path.parent, {})[path] = report_text(f"cannot be read as DICOM ({problem})")
     for path in walk.undecodable:  # DICOM files only
         suspects.setdefault(path.parent, {}).setdefault(path, "has a name that is not valid UTF-8")
     items = []
@@ -309,7 +303,7 @@ def _series_items(walk: _Walk) -> list[Item]:
         if len(s.files) < 2:
             continue
         raw_key = s.folder.relative_to(walk.root).as_posix()
-        key = shown_name(raw_key)
+        key = report_text(raw_key)
         age = walk.now - walk.newest_mtime.get(s.folder, 0.0)
         why = walk.unsettled_folders.get(s.folder) or (
             f"the folder changed {age:.0f} s ago" if walk.settle_seconds and 0 <= age < walk.settle_seconds else "")
@@ -328,7 +322,7 @@ def _series_items(walk: _Walk) -> list[Item]:
 
 def _series_digest(walk: _Walk, files: Iterable[Path], tag: str = "") -> str:
     """A series' identity: its slices' relative paths and content hashes (plus ``tag``)."""
-    return sha256_bytes((tag + "\n".join(f"{shown_name(f.relative_to(walk.root).as_posix())} {walk.dicom_files[f][0]}"
+    return sha256_bytes((tag + "\n".join(f"{report_text(f.relative_to(walk.root).as_posix())} {walk.dicom_files[f][0]}"
                                          for f in files)).encode())
 
 
@@ -345,9 +339,9 @@ def _refused_series(walk: _Walk, s: dicom.DicomSeries, key: str, suspects: dict[
     else:
         first, reason = sorted(suspects.items())[0]
         more = f" (and {len(suspects) - 1} more files)" if len(suspects) > 1 else ""
-        why = (f"{key}: DICOM series not scored: {shown_name(first.name)} in its folder {reason}{more}, so the "
+        why = (f"{key}: DICOM series not scored: {report_text(first.name)} in its folder {reason}{more}, so the "
                "series may be missing a slice; fix, rename or remove that file and a later run scores the series")
-    return Item(key, CT_VOLUME, "dicom_series", tuple(shown_name(f.relative_to(walk.root).as_posix()) for f in files),
+    return Item(key, CT_VOLUME, "dicom_series", tuple(report_text(f.relative_to(walk.root).as_posix()) for f in files),
                 _series_digest(walk, files, tag="broken series\n"), series_uid_hash=s.uid_hash,
                 refusal_status=REJECTED, refusal=why)
 
@@ -429,7 +423,7 @@ def result_row(model: LoadedModel | ModelBundle, item: Item, **values: Any) -> d
     """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
     bundle = model.bundle if isinstance(model, LoadedModel) else model
     if "error" in values:  # a decoder's message may quote a file name SQLite and the CSV cannot hold
-        values["error"] = shown_name(values["error"])
+        values["error"] = report_text(values["error"])
     return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
             "model_version": bundle.version, "bundle_sha256": bundle.card["onnx_sha256"],
             "item_kind": item.source, "series_uid_hash": item.series_uid_hash,

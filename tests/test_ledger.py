@@ -92,6 +92,15 @@ def test_done_key_is_recorded_once(ledger):
     assert ledger.counts()["ok"] == 3
 
 
+def test_a_row_quoting_a_non_utf8_name_is_stored_escaped_and_publishes(ledger, tmp_path):
+    """A decoder's message may quote a file name that is not valid UTF-8 (Python holds its bytes as
+    surrogates); stored raw, it would fail this and every later publish of the night's CSV."""
+    bad = row("s", status="rejected", error="s: AAA_\udcff.dcm: empty file (0 bytes); resend it")
+    assert ledger.record("run1", [bad]) == 1
+    (published,) = read_csv(ledger.publish("run1", "night1"))
+    assert published["error"] == "s: AAA_\\xff.dcm: empty file (0 bytes); resend it"
+
+
 def test_error_rows_are_retried_and_superseded(ledger):
     assert ledger.record("run1", [row("a.png", status="error"), row("bad.png", status="rejected")]) == 2
     items = [("a.png", "sha-a.png"), ("bad.png", "sha-bad.png")]
