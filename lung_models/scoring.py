@@ -422,8 +422,6 @@ def _now() -> str:
 def result_row(model: LoadedModel | ModelBundle, item: Item, **values: Any) -> dict[str, Any]:
     """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
     bundle = model.bundle if isinstance(model, LoadedModel) else model
-    if "error" in values:  # a decoder's message may quote a file name SQLite and the CSV cannot hold
-        values["error"] = report_text(values["error"])
     return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
             "model_version": bundle.version, "bundle_sha256": bundle.card["onnx_sha256"],
             "item_kind": item.source, "series_uid_hash": item.series_uid_hash,

@@ -205,11 +205,3 @@ def test_a_series_still_being_transferred_waits_rather_than_being_rejected(tmp_p
     assert not [i for i in incoming.items if i.source == "dicom_series"]
     assert any(key.startswith("series (series ") for key, _ in incoming.skipped), incoming.skipped
 
-
-def test_a_report_row_never_carries_a_name_the_ledger_cannot_store():
-    from types import SimpleNamespace
-
-    bundle = SimpleNamespace(name="m", version="v", card={"onnx_sha256": "x"})
-    item = scoring.Item("a.dcm", "ct_slice", "dicom", ("a.dcm",), "sha")
-    row = scoring.result_row(bundle, item, status="rejected", error="b_\udcff.dcm: empty file (0 bytes); resend")
-    assert row["error"] == "b_\\xff.dcm: empty file (0 bytes); resend"
