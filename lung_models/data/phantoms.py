@@ -1071,17 +1071,25 @@ def ct_volume(
 _TUMOUR_KINDS = tuple(c for c in CHEST_CLASSES if c != "normal")
 
 
-def _display_window(rng: np.random.Generator) -> tuple[float, float]:
+CT_WINDOWS = ("mixed", "wide")
+
+
+def _display_window(rng: np.random.Generator, window: str = "mixed") -> tuple[float, float]:
     """(level, width) in HU of the window a slice was exported with.
 
-    The Kaggle PNGs are screenshots from several viewers. Most show air black, lungs near black
-    and soft tissue mid-grey with bone short of white: a window from about -1000 HU that is
-    2000-2600 HU wide (a few are wider still). The rest use a lung window, where air is dark grey
-    and soft tissue near white, or a mediastinal window.
+    The Kaggle PNGs are screenshots from several viewers (``window="mixed"``). Most show air
+    black, lungs near black and soft tissue mid-grey with bone short of white: a window from about
+    -1000 HU that is 2000-2600 HU wide (a few are wider still). The rest use a lung window, where
+    air is dark grey and soft tissue near white, or a mediastinal window. ``window="wide"`` keeps
+    only the common 2000-2600 HU preset, as one viewer exporting every slice would. Both draw the
+    same random numbers, so the same generator state gives the same patient with either.
     """
     u = rng.random()
+    if window == "wide" or u < 0.55:
+        width = rng.uniform(1900, 2600)
+        return rng.uniform(-1040, -980) + width / 2, width
     if u < 0.65:
-        width = rng.uniform(1900, 2600) if u < 0.55 else rng.uniform(3000, 4200)
+        width = rng.uniform(3000, 4200)
         return rng.uniform(-1040, -980) + width / 2, width
     if u < 0.9:
         return rng.uniform(-650, -500), rng.uniform(1200, 1600)
@@ -1260,12 +1268,13 @@ def _paint_tumour(hu: np.ndarray, kind: str, rng: np.random.Generator, c: _Chest
             win += cavity * _soft(level - dy, edge) * (_F32(rng.uniform(5, 25)) - win)
 
 
-def ct_slice(cls: str, rng: np.random.Generator, size: int = 512) -> np.ndarray:
+def ct_slice(cls: str, rng: np.random.Generator, size: int = 512, window: str = "mixed") -> np.ndarray:
     """An axial chest CT slice as 8-bit grey levels (size, size), windowed like the Kaggle PNGs.
 
     Displayed the radiological way: anterior at the top, the patient's right on the image's left.
     The anatomy is ``ct_volume``'s, cut at a random level between the aortic arch and the heart,
-    with a random slice thickness, display window (lung, wide or mediastinal) and noise. ``cls`` is
+    with a random slice thickness, display window (lung, wide or mediastinal; only wide with
+    ``window="wide"``, see ``_display_window``) and noise. ``cls`` is
     one of ``CHEST_CLASSES`` (see ``_paint_tumour`` for what each cancer looks like) or one of
     ``CANCER_CLASSES``, where ``Cancerous`` draws one of the three cancers.
 
@@ -1277,13 +1286,15 @@ def ct_slice(cls: str, rng: np.random.Generator, size: int = 512) -> np.ndarray:
         raise ValueError(f"unknown chest CT class {cls!r}; expected one of {CHEST_CLASSES + CANCER_CLASSES}")
     if size < 32:
         raise ValueError(f"slice size {size} too small; use at least 32 pixels")
+    if window not in CT_WINDOWS:
+        raise ValueError(f"unknown display window {window!r}; expected one of {CT_WINDOWS}")
     c = _sample_chest(rng)
     sxy = 2 * c.bx * rng.uniform(1.05, 1.25) / size
     sz = rng.uniform(1.5, 7.0)
     off = np.array([rng.normal(0, 6), rng.normal(4, 6)])
     level = rng.uniform(0.25, 0.75) * c.height
     tumour_seed = int(rng.integers(2**63))
-    window = _display_window(rng)
+    shown = _display_window(rng, window)
     origin = np.array([-(size - 1) / 2 * sxy - off[0], -(size - 1) / 2 * sxy - off[1], level])
     x = (origin[0] + np.arange(size) * sxy).astype(_F32)[:, None, None]
     y = (origin[1] + np.arange(size) * sxy).astype(_F32)[None, :, None]
@@ -1296,7 +1307,7 @@ def ct_slice(cls: str, rng: np.random.Generator, size: int = 512) -> np.ndarray:
         _paint_tumour(hu[:, :, 0], kind, np.random.default_rng(tumour_seed), c, x[:, 0, 0], y[0, :, 0],
                       [m[:, :, 0] for m in lungs], 0.6 * sxy)
     hu = _scanner_noise(hu, rng, x, y, off, (size / 2) * sxy)
-    centre, width = window
+    centre, width = shown
     grey = (hu[:, ::-1, 0].T - _F32(centre - width / 2)) * _F32(255.0 / width)
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
@@ -1424,7 +1435,8 @@ def _screenshot_bytes(grey: np.ndarray, rng: np.random.Generator, size: int) -> 
 
 
 def _write_chest_ct(root: Path, n_per_class: int, seed: int, *, size: int = 512,
-                    classes: Sequence[str] = CHEST_CLASSES, n_valid: float = 0.07, n_test: float = 0.32) -> None:
+                    classes: Sequence[str] = CHEST_CLASSES, n_valid: float = 0.07, n_test: float = 0.32,
+                    window: str = "mixed") -> None:
     """``root/Data/{train,valid,test}/<folder>/NNNNNN.png|jpg``, as Kaggle's chest-ctscan-images ships.
 
     Train and valid folders carry the real data set's long names (class, site and TNM stage); test
@@ -1440,7 +1452,7 @@ def _write_chest_ct(root: Path, n_per_class: int, seed: int, *, size: int = 512,
             split = "train" if i < train else "valid" if i < train + valid else "test"
             folder = root / "Data" / split / (cls if split == "test" else CHEST_FOLDERS[cls])
             rng = _item_rng(seed, class_index, i)
-            data, suffix = _screenshot_bytes(ct_slice(cls, rng, size), rng, size)
+            data, suffix = _screenshot_bytes(ct_slice(cls, rng, size, window), rng, size)
             atomic_write_bytes(folder / f"{i:06d}{suffix}", data)
 
 
@@ -1474,8 +1486,9 @@ def write_dataset(kind: str, root: Path, n_per_class: int, seed: int, **params: 
     ``kind="lc25000"`` takes ``classes`` and ``size`` (JPEG tiles, quality 90); ``kind="mosmed"``
     takes ``in_plane`` and ``slices`` (an int, or an inclusive (low, high) range drawn per volume).
     ``kind="chest_ct"`` (Kaggle chest-ctscan-images: train, valid and test folders) takes ``size``,
-    ``classes`` and ``n_valid``/``n_test`` (fractions of ``n_per_class`` if floats, counts if ints;
-    at least 2 each); ``kind="ct_cancer"`` (Kaggle Lung CT-Scan images) takes ``size`` and ``classes``.
+    ``classes``, ``n_valid``/``n_test`` (fractions of ``n_per_class`` if floats, counts if ints;
+    at least 2 each) and ``window`` (``mixed`` display windows as in the Kaggle PNGs, or ``wide``
+    only); ``kind="ct_cancer"`` (Kaggle Lung CT-Scan images) takes ``size`` and ``classes``.
     Both write cropped slices of varying size as a mix of RGBA, RGB and greyscale PNGs and JPEGs.
     Every file is written atomically, so an interrupted run leaves only complete files, and each
     item depends only on (seed, class, index), so re-running rewrites identical content.
