@@ -1074,14 +1074,20 @@ _TUMOUR_KINDS = tuple(c for c in CHEST_CLASSES if c != "normal")
 CT_WINDOWS = ("mixed", "wide")
 
 
+def _check_window(window: str) -> None:
+    if window not in CT_WINDOWS:
+        raise ValueError(f"unknown display window {window!r} for chest CT phantoms (profile key generated_window); "
+                         f"expected one of {CT_WINDOWS}")
+
+
 def _display_window(rng: np.random.Generator, window: str = "mixed") -> tuple[float, float]:
     """(level, width) in HU of the window a slice was exported with.
 
     The Kaggle PNGs are screenshots from several viewers (``window="mixed"``). Most show air
     black, lungs near black and soft tissue mid-grey with bone short of white: a window from about
-    -1000 HU that is 2000-2600 HU wide (a few are wider still). The rest use a lung window, where
+    -1000 HU that is 1900-2600 HU wide (a few are wider still). The rest use a lung window, where
     air is dark grey and soft tissue near white, or a mediastinal window. ``window="wide"`` keeps
-    only the common 2000-2600 HU preset, as one viewer exporting every slice would. Both draw the
+    only the common 1900-2600 HU preset, as one viewer exporting every slice would. Both draw the
     same random numbers, so the same generator state gives the same patient with either.
     """
     u = rng.random()
@@ -1274,9 +1280,9 @@ def ct_slice(cls: str, rng: np.random.Generator, size: int = 512, window: str = 
     Displayed the radiological way: anterior at the top, the patient's right on the image's left.
     The anatomy is ``ct_volume``'s, cut at a random level between the aortic arch and the heart,
     with a random slice thickness, display window (lung, wide or mediastinal; only wide with
-    ``window="wide"``, see ``_display_window``) and noise. ``cls`` is
-    one of ``CHEST_CLASSES`` (see ``_paint_tumour`` for what each cancer looks like) or one of
-    ``CANCER_CLASSES``, where ``Cancerous`` draws one of the three cancers.
+    ``window="wide"``, see ``_display_window``) and noise. ``cls`` is one of ``CHEST_CLASSES``
+    (see ``_paint_tumour`` for what each cancer looks like) or one of ``CANCER_CLASSES``, where
+    ``Cancerous`` draws one of the three cancers.
 
     Tumours are drawn from their own generator, seeded from ``rng`` at the same point for every
     class, so the same ``rng`` seed gives the same patient, level, noise and window in every class,
@@ -1286,8 +1292,7 @@ def ct_slice(cls: str, rng: np.random.Generator, size: int = 512, window: str = 
         raise ValueError(f"unknown chest CT class {cls!r}; expected one of {CHEST_CLASSES + CANCER_CLASSES}")
     if size < 32:
         raise ValueError(f"slice size {size} too small; use at least 32 pixels")
-    if window not in CT_WINDOWS:
-        raise ValueError(f"unknown display window {window!r}; expected one of {CT_WINDOWS}")
+    _check_window(window)
     c = _sample_chest(rng)
     sxy = 2 * c.bx * rng.uniform(1.05, 1.25) / size
     sz = rng.uniform(1.5, 7.0)
@@ -1443,6 +1448,7 @@ def _write_chest_ct(root: Path, n_per_class: int, seed: int, *, size: int = 512,
     folders are the bare class names. Each class's items are numbered from 0 across the three
     splits, train first, so an item's picture depends only on (seed, class, index).
     """
+    _check_window(window)
     train, valid, _ = _split_sizes(n_per_class, n_valid, n_test)
     for cls in classes:
         if cls not in CHEST_CLASSES:
