@@ -47,7 +47,7 @@ SPEC = ModelSpec(
     # accuracy was 0.958-0.975 (n=120) in four runs against 0.975-0.992 at 768: too close to the
     # demo's 0.95 target. Eight epochs, not ten: in four 10-epoch demos the lowest validation loss
     # (the weights kept) came at epoch 6, 7, 7 and 10 (0.018 there, 0.021 at epoch 7); the two
-    # epochs saved (about 36 s) pay for half of chest-cnn's eight extra demo epochs.
+    # epochs saved (about 36 s) went to chest-cnn's extra demo epochs.
     profiles={"demo": {"epochs": 8, "generated_per_class": 600, "generated_size": 768}},
     documented_metrics={"test_accuracy": 0.967, "train_accuracy": 0.980, "val_accuracy": 0.982},
 )
