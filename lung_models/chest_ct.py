@@ -55,10 +55,12 @@ RECIPE = TrainingRecipe(
 DEMO_DATA = {"weights": "random", "generated_per_class": 400, "generated_size": 256,
              "generated_n_valid": 40, "generated_n_test": 60, "generated_window": "wide"}
 # The custom CNN: as many epochs as the 25-minute demo leaves (about 10 s each on a 2-core CPU),
-# in batches of 16 (twice the recipe's updates per epoch). On wide-window slices (n=240): 0.954
-# after 32 epochs, 0.979 after 40 (best validation loss at 37), and 0.954 in a demo where early
-# stopping with patience 5 ended training at 37 and kept epoch 32's weights; so patience 10 here.
-DEMO = {**DEMO_DATA, "epochs": 44, "batch_size": 16,
+# in batches of 16 (twice the recipe's updates per epoch). On the wide-window slices test
+# accuracy (n=240) was 0.954 after 32 epochs, 0.979 after 40, 0.954 in a demo where early stopping
+# with patience 5 ended at epoch 37 (hence patience 10 here) and 0.946 in one with patience 10:
+# about the 0.95 target, not safely above it. ReduceLROnPlateau (0.917) and 80 validation
+# slices a class instead of 40 (0.950) did not help.
+DEMO = {**DEMO_DATA, "epochs": 40, "batch_size": 16,
         "early_stopping": {"monitor": "val_loss", "patience": 10, "restore_best_weights": True}}
 # Frozen random backbones cannot learn in a demo (no ImageNet weights offline): 20 files a class
 # per split and two epochs, enough to show the chain runs end to end.
