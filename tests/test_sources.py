@@ -628,6 +628,7 @@ def fake_phantoms(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
     module = types.ModuleType("lung_models.data.phantoms")
     module.write_dataset = write_dataset  # type: ignore[attr-defined]
+    module.GENERATOR_VERSIONS = {"lc25000": 1, "mosmed": 1}  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lung_models.data.phantoms", module)
     return calls
 
@@ -644,6 +645,16 @@ def test_generated_source_is_idempotent(fake_phantoms: list[tuple], tmp_path: Pa
     other = GeneratedSource("lc25000", 3, 7, {"size": 32}).fetch(tmp_path)
     assert other != root and len(fake_phantoms) == 2  # other params, other folder
     assert json.loads((root / MARKER_NAME).read_text())["provenance"]["seed"] == 7
+
+
+def test_generated_source_is_rebuilt_when_the_generator_changes(fake_phantoms: list[tuple], tmp_path: Path) -> None:
+    root = GeneratedSource("lc25000", 3, 7, {"size": 64}).fetch(tmp_path)
+    assert json.loads((root / MARKER_NAME).read_text())["provenance"]["generator_version"] == 1
+    sys.modules["lung_models.data.phantoms"].GENERATOR_VERSIONS["lc25000"] = 2  # new pictures, same seed
+    again = GeneratedSource("lc25000", 3, 7, {"size": 64}).fetch(tmp_path)
+    assert again == root and len(fake_phantoms) == 2  # regenerated in place, not reused
+    assert json.loads((root / MARKER_NAME).read_text())["provenance"]["generator_version"] == 2
+    assert GeneratedSource("lc25000", 3, 7, {"size": 64}).fetch(tmp_path) == root and len(fake_phantoms) == 2
 
 
 def test_generated_source_crash_leaves_nothing_trusted(fake_phantoms: list[tuple], tmp_path: Path) -> None:

@@ -48,6 +48,11 @@ CHEST_FOLDERS = {
 CANCER_CLASSES = ("Cancerous", "Non-Cancerous")
 CT_CANCER_FOLDERS = ("CT-Scan images", "CT-Scan images", "CT-Scan Images")
 DATASET_KINDS = ("lc25000", "mosmed", "chest_ct", "ct_cancer")
+# Bump a kind's number whenever the same seed and parameters start giving different pictures:
+# generated-data caches are keyed on it, so a work folder from an older generator is rebuilt
+# instead of silently reused. chest_ct and ct_cancer 2: every adenocarcinoma has its ground-glass
+# rim and slices stop at the lower hila.
+GENERATOR_VERSIONS = {"lc25000": 1, "mosmed": 1, "chest_ct": 2, "ct_cancer": 2}
 
 _F32 = np.float32
 
@@ -1154,8 +1159,8 @@ def _hilar_site(rng: np.random.Generator, lung: np.ndarray, xs: np.ndarray, ys: 
                 c: _Chest, radius: float) -> tuple[float, float]:
     """Centre (x, y) in mm of a mass at the hilum: the lung pixel nearest the root of the lung.
 
-    Below the hila proper (beside the heart) that is the medial lung next to the lower-lobe
-    bronchi, behind the heart, which is where a central tumour shows at those levels.
+    At the lowest levels ``ct_slice`` cuts, where the top of the heart can still show, that is the
+    medial lung next to the lower-lobe bronchi, behind the heart.
     """
     ii, jj = np.nonzero(lung)
     hx = c.med_x + sign * (c.med_w_low + rng.uniform(0, 10))

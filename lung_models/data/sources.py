@@ -151,14 +151,22 @@ class GeneratedSource(DataSource):
             "params": _jsonable(self.params),
             "params_sha256": _short_hash(self.params, length=64),
             "generator": "lung_models.data.phantoms.write_dataset",
+            "generator_version": self._generator_version(),
         }
 
+    def _generator_version(self) -> int | None:
+        """``phantoms.GENERATOR_VERSIONS`` for this kind (None for a kind the generator does not know)."""
+        return importlib.import_module("lung_models.data.phantoms").GENERATOR_VERSIONS.get(self.kind)
+
     def _key(self) -> dict[str, Any]:
+        # The generator's version is part of the key: a folder written by an older generator has
+        # a marker that no longer matches, so it is rebuilt rather than reused with old pictures.
         return {
             "dataset": self.kind,
             "n_per_class": self.n_per_class,
             "seed": self.seed,
             "params": _jsonable(self.params),
+            "generator_version": self._generator_version(),
         }
 
 
