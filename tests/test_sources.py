@@ -684,6 +684,7 @@ def test_concurrent_fetches_generate_once(monkeypatch: pytest.MonkeyPatch, tmp_p
 
     module = types.ModuleType("lung_models.data.phantoms")
     module.write_dataset = slow_write  # type: ignore[attr-defined]
+    module.GENERATOR_VERSIONS = {"lc25000": 1}  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lung_models.data.phantoms", module)
     roots: list[Path] = []
     threads = [
