@@ -18,7 +18,7 @@ import threading
 import time
 import types
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -611,6 +611,16 @@ def test_kaggle_interrupted_output_dir_is_forced(monkeypatch: pytest.MonkeyPatch
 # GeneratedSource
 
 
+def install_fake_phantoms(monkeypatch: pytest.MonkeyPatch, write_dataset: Callable[..., None]) -> types.ModuleType:
+    """Put a stand-in lung_models.data.phantoms with this ``write_dataset`` (and the real module's
+    other names that sources use) in sys.modules for the test."""
+    module = types.ModuleType("lung_models.data.phantoms")
+    module.write_dataset = write_dataset  # type: ignore[attr-defined]
+    module.GENERATOR_VERSIONS = {"lc25000": 1, "mosmed": 1}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lung_models.data.phantoms", module)
+    return module
+
+
 @pytest.fixture
 def fake_phantoms(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Stand-in for lung_models.data.phantoms, so these tests do not depend on the real generator."""
@@ -626,10 +636,7 @@ def fake_phantoms(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
             for i in range(n_per_class):
                 (root / name / f"{i}.png").write_bytes(b"png")
 
-    module = types.ModuleType("lung_models.data.phantoms")
-    module.write_dataset = write_dataset  # type: ignore[attr-defined]
-    module.GENERATOR_VERSIONS = {"lc25000": 1, "mosmed": 1}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lung_models.data.phantoms", module)
+    install_fake_phantoms(monkeypatch, write_dataset)
     return calls
 
 
@@ -682,10 +689,7 @@ def test_concurrent_fetches_generate_once(monkeypatch: pytest.MonkeyPatch, tmp_p
         (root / "lung_n").mkdir()
         (root / "lung_n/0.png").write_bytes(b"png")
 
-    module = types.ModuleType("lung_models.data.phantoms")
-    module.write_dataset = slow_write  # type: ignore[attr-defined]
-    module.GENERATOR_VERSIONS = {"lc25000": 1}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lung_models.data.phantoms", module)
+    install_fake_phantoms(monkeypatch, slow_write)
     roots: list[Path] = []
     threads = [
         threading.Thread(target=lambda: roots.append(GeneratedSource("lc25000", 1, 3).fetch(tmp_path)))

@@ -112,7 +112,7 @@ class GeneratedSource(DataSource):
 
     source_kind: ClassVar[str] = "generated"
 
-    kind: str  # the phantom data set: "lc25000" or "mosmed"
+    kind: str  # the phantom data set, one of phantoms.DATASET_KINDS
     n_per_class: int
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
