@@ -14,8 +14,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 import typer
 
-from lung_models.ledger import DEFAULT_LOCK_TIMEOUT
-from lung_models.scoring import DEFAULT_SETTLE_SECONDS
+from lung_models.scoring.items import DEFAULT_SETTLE_SECONDS
+from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT
 
 DEMO_TARGET = 0.95  # test accuracy on generated data that shows a model's chain learns
 
@@ -74,14 +74,20 @@ def score(input_dir: str, output_dir: str,
           settle_seconds: float = typer.Option(DEFAULT_SETTLE_SECONDS, help="leave files modified less than this "
                                                "long ago (still arriving) for a later run"),
           lock_timeout_seconds: float = typer.Option(DEFAULT_LOCK_TIMEOUT, help="wait this long for another run "
-                                                     "on the same output folder to finish")) -> None:
+                                                     "on the same output folder to finish"),
+          workers: int | None = typer.Option(None, min=1, help="decoding threads feeding inference "
+                                             "(default: half the cores)"),
+          precision: str = typer.Option("fp32", help="fp32 | int8 | auto (int8 where its export gate passed)"),
+          ) -> None:
     """Run the score flow on a folder: score what is new, print this run's CSV path."""
     from flows.score import score_folder
 
     _check_models(models)
+    if precision not in ("fp32", "int8", "auto"):
+        raise typer.BadParameter("use fp32, int8 or auto", param_hint="--precision")
     typer.echo(score_folder(input_dir=input_dir, output_dir=output_dir, models=models, exports_dir=exports_dir,
                             batch_size=batch_size, settle_seconds=settle_seconds,
-                            lock_timeout_seconds=lock_timeout_seconds))
+                            lock_timeout_seconds=lock_timeout_seconds, workers=workers, precision=precision))
 
 
 def summary_rows(name: str, card: dict) -> list[str]:
@@ -103,6 +109,9 @@ def summary_rows(name: str, card: dict) -> list[str]:
     choice = (card["training"].get("finalize") or {}).get("summary")
     if choice:
         rows.append(f"{'':26s} ^ {choice}")
+    int8 = card.get("int8")
+    if int8:
+        rows.append(f"{'':26s} ^ int8 variant {'usable' if int8['usable'] else 'not used'}: {int8['reason']}")
     return rows
 
 

@@ -16,7 +16,6 @@ import numpy as np
 
 from lung_models import preprocess
 from lung_models.bundle import CARD, LATEST, ONNX
-from lung_models.device import onnx_providers
 from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file, utc_stamp
 from lung_models.registry import ModelSpec
 
@@ -53,10 +52,10 @@ def convert(fn, path: Path) -> None:
 
 
 def ort_session(path: Path, providers: list[str] | None = None):
-    import onnxruntime as ort
+    """The session the scorer opens (same options), so parity is checked on what the scorer runs."""
+    from lung_models.scoring.runtime import open_session
 
-    ort.set_default_logger_severity(3)  # the CPU fallback of onnxruntime-gpu is expected, not an error
-    return ort.InferenceSession(str(path), providers=providers or onnx_providers())
+    return open_session(path, providers=providers)
 
 
 def check_parity(fn, session, x: np.ndarray, params: dict[str, Any], batch_size: int = 8) -> dict[str, Any]:
@@ -113,12 +112,14 @@ def _versions() -> dict[str, str]:
 
 def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[str, Any],
                   exports_root: Path, card_extra: dict[str, Any], files: dict[str, Path],
-                  progress: Callable[[str], None] = print) -> Path:
+                  progress: Callable[[str], None] = print, test_y: np.ndarray | None = None,
+                  calib_x: np.ndarray | None = None) -> Path:
     """Convert, check parity on the test arrays, write the bundle, then point LATEST at it.
 
     ``params`` is the preprocessing that produced ``test_x`` (the spec's, or a test's smaller
     size); it goes into the card unchanged so the scorer reproduces it. ``files`` are copied into
-    the bundle under their keys (metrics, plots, split manifest, checkpoint...).
+    the bundle under their keys (metrics, plots, split manifest, checkpoint...). With ``test_y`` and
+    ``calib_x`` (training inputs) an int8 variant is made and gated too (see ``quantize``).
     """
     import onnx
 
@@ -142,6 +143,16 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
                 f"{PARITY_ATOL}, {parity['class_mismatches']} class mismatches, all finite: "
                 f"{parity['all_finite']}); bundle not written")
 
+        int8 = None
+        if calib_x is not None and test_y is not None:
+            from lung_models import quantize
+
+            progress(f"{spec.name}: int8 variant (static QDQ, per channel, calibrated on "
+                     f"{min(len(calib_x), quantize.CALIBRATION_ITEMS)} training items)")
+            int8 = quantize.int8_variant(onnx_path, staging / quantize.INT8_ONNX, calib_x=calib_x, test_x=test_x,
+                                         test_y=test_y, params=params, open_session=ort_session)
+            progress(f"{spec.name}: int8 {'usable' if int8['usable'] else 'not used'}: {int8['reason']}")
+
         version = reserve_version(model_dir)
         final = model_dir / version
         card: dict[str, Any] = {
@@ -158,6 +169,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
             "parity": parity,
             "software": _versions(),
             "opset": OPSET,
+            **({"int8": int8} if int8 is not None else {}),
             **card_extra,
         }
         meta = {"model_name": spec.name, "version": version, "modality": spec.modality,

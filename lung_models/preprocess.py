@@ -42,12 +42,41 @@ def resize_volume(volume: np.ndarray, target_shape: tuple[int, int, int], order:
 
 def preprocess_ct_volume(volume_hu: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     """HU volume (x, y, z) → model input (x, y, z, 1) float32 in [0, 1], as documented:
-    clip and scale HU, rotate 90° in plane, resize with linear interpolation."""
+    clip and scale HU, rotate 90° in plane, resize with linear interpolation.
+
+    With linear interpolation (the documented ``zoom_order`` 1) only the input voxels next to a
+    sample point are ever read: a 512×512×120 scan resized to 128×128×64 reads about a quarter of
+    its voxels. Those are gathered first, then clipped and scaled (a voxel-wise step, so the order
+    does not change the result) and interpolated, which is an order of magnitude faster than
+    clipping the whole volume and calling ``scipy.ndimage.zoom``, and equal to it within float32
+    rounding (``resize_volume`` stays the reference, and the tests compare the two)."""
     hu_min, hu_max = params["hu_window"]
-    volume = clip_and_scale_hu(volume_hu, hu_min, hu_max)
-    volume = rotate_in_plane_90(volume, params.get("rotate90", 1))
-    volume = resize_volume(volume, tuple(params["target_shape"]), params.get("zoom_order", 1))
-    return volume[..., np.newaxis]
+    target = tuple(params["target_shape"])
+    volume = rotate_in_plane_90(np.asarray(volume_hu), params.get("rotate90", 1))
+    if params.get("zoom_order", 1) != 1:
+        volume = clip_and_scale_hu(volume, hu_min, hu_max)
+        return resize_volume(volume, target, params.get("zoom_order", 1))[..., np.newaxis]
+    axes = [_linear_taps(n_in, n_out) for n_in, n_out in zip(volume.shape, target)]
+    needed = volume[np.ix_(*(taps for taps, _, _, _ in axes))]
+    out = clip_and_scale_hu(needed, hu_min, hu_max)
+    for axis, (_, lo, hi, weight) in enumerate(axes):
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        w = weight.reshape(shape)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return np.ascontiguousarray(out, dtype=np.float32)[..., np.newaxis]
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For linear resampling of an axis from ``n_in`` to ``n_out`` samples on scipy.ndimage.zoom's grid
+    (output sample o at input coordinate o·(n_in − 1)/(n_out − 1)): the input indices read, and for
+    each output sample the positions of its two taps among them and the weight of the upper one."""
+    coords = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    lower = np.clip(np.floor(coords).astype(np.int64), 0, n_in - 1)
+    upper = np.minimum(lower + 1, n_in - 1)
+    weight = (coords - lower).astype(np.float32)
+    taps = np.union1d(lower, upper)
+    return taps, np.searchsorted(taps, lower), np.searchsorted(taps, upper), weight
 
 
 def random_rotate_volume(volume: np.ndarray, rng: np.random.Generator, angles: list[float]) -> np.ndarray:

@@ -104,7 +104,8 @@ def export_model(model_name: str, prepared: str, trained: dict[str, Any], metric
                  data_info: dict[str, Any], exports_dir: str) -> str:
     spec = registry.get(model_name).spec
     data = PreparedData(Path(prepared))
-    x_test, _ = data.arrays("test")
+    x_test, y_test = data.arrays("test")
+    x_train, _ = data.arrays("train")
     run = Path(metrics_path).parent
     model = training.load_checkpoint(trained["checkpoint"])
     card_extra = {
@@ -119,7 +120,7 @@ def export_model(model_name: str, prepared: str, trained: dict[str, Any], metric
              "confusion_matrix.png": run / "confusion_matrix.png", "model.keras": Path(trained["checkpoint"])}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
-                                  progress=say)
+                                  progress=say, test_y=y_test, calib_x=x_train)
     del model
     release_tensorflow_memory()
     return str(bundle)

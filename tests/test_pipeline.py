@@ -206,9 +206,10 @@ def make_incoming(folder: Path, shared: Path | None) -> dict[str, tuple[str, str
 
 
 def models_for(kind: str) -> set[str]:
-    accepts = {"histology_tile": {"histology_tile", "image"}, "ct_slice": {"ct_slice", "image"},
-               "ct_volume": {"ct_volume"}}
-    return {n for n in registry.names() if kind in accepts[registry.get(n).spec.modality]}
+    """A volume goes to the 3-D model and, as axial slices, to every 2-D CT model."""
+    from lung_models.scoring import MODALITY_INPUTS
+
+    return {n for n in registry.names() if kind in MODALITY_INPUTS[registry.get(n).spec.modality]}
 
 
 def _score(factory, folder: Path, out: Path) -> pd.DataFrame:
@@ -227,9 +228,13 @@ def check_report(df: pd.DataFrame, expected: dict[str, tuple[str, str]], factory
         bundle = load_bundle(factory["bundles"][row.model])
         assert row.status == expected[row.relative_path][1], (row.relative_path, row.model, row.error)
         if row.status == "ok":
-            probs = [float(row[f"prob_{c}"]) for c in bundle.class_names]
-            assert abs(sum(probs) - 1) < 1e-4 and row.error == ""
+            by_class = json.loads(row.probabilities)
+            probs = [by_class[c] for c in bundle.class_names]
+            assert abs(sum(probs) - 1) < 1e-4 and row.error == "" and row.precision == "fp32"
             assert row.predicted_class == bundle.class_names[int(np.argmax(probs))]
+            assert abs(float(row.probability) - max(probs)) < 1e-6
+            peaks = json.loads(row.max_probabilities)
+            assert all(peaks[c] >= by_class[c] - 1e-6 for c in bundle.class_names)
         else:
             assert Path(row.relative_path).name in row.error and row.predicted_class == ""
         assert row.provider == "CPUExecutionProvider"

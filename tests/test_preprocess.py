@@ -62,3 +62,17 @@ def test_rgb_preprocessing_resizes_and_rescales():
     out = preprocess.model_input(img, {"kind": "rgb_image", "size": [64, 48], "scale": 1 / 255})
     assert out.shape == (64, 48, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, 1.0)
+
+
+def test_fast_linear_resampling_equals_clip_then_zoom_on_any_shape():
+    """preprocess_ct_volume gathers the voxels linear interpolation reads before clipping: equal to
+    clipping everything and calling scipy.ndimage.zoom (order 1), up or down, odd sizes included."""
+    params = {"hu_window": [-1000.0, 400.0], "rotate90": 1, "target_shape": [32, 28, 16], "zoom_order": 1}
+    rng = np.random.default_rng(3)
+    for shape in [(97, 64, 41), (20, 33, 9), (32, 28, 16), (5, 200, 16)]:
+        volume = rng.normal(-300, 900, shape).astype(np.float32)
+        reference = preprocess.resize_volume(
+            preprocess.rotate_in_plane_90(preprocess.clip_and_scale_hu(volume, -1000, 400), 1), (32, 28, 16), 1)
+        fast = preprocess.preprocess_ct_volume(volume, params)
+        assert fast.shape == (32, 28, 16, 1) and fast.dtype == np.float32 and fast.flags.c_contiguous
+        assert np.abs(fast[..., 0] - reference).max() < 1e-5, shape

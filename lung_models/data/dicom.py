@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,17 +470,26 @@ def _is_directory(ds: Dataset) -> bool:
 
 
 @_quiet_pydicom()
-def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, InputError]]:
+def group_series(paths: Iterable[Path], known: Mapping[Path, str] | None = None
+                 ) -> tuple[list[DicomSeries], dict[Path, InputError]]:
     """Group DICOM files by (parent folder, SeriesInstanceUID), reading headers only.
 
     Returns the series (sorted by folder, uid_hash) and the files whose header could not be read with their
     error (a DICOMDIR's is a SliceWithoutSeries). A file without SeriesInstanceUID is an error for that file,
     unless the UID was blanked by an anonymiser and a FrameOfReferenceUID can stand in for it (see
     ``_series_key``). Grouping per folder keeps two copies of the same series in two folders apart.
+    ``known`` maps files whose series is already known (from an earlier night) to its ``uid_hash``: their
+    headers are not read again. Series are grouped by ``uid_hash``, so their ``series_uid`` is that of a
+    slice read now, or empty when every slice was known.
     """
+    known = known or {}
     groups: dict[tuple[Path, str], list[Path]] = {}
+    uids: dict[tuple[Path, str], str] = {}
     errors: dict[Path, InputError] = {}
     for path in sorted({Path(p) for p in paths}):
+        if path in known:
+            groups.setdefault((path.parent, known[path]), []).append(path)
+            continue
         try:
             ds = _read_dataset(path, pixels=False)
         except _Problem as p:
@@ -498,10 +507,12 @@ def group_series(paths: Iterable[Path]) -> tuple[list[DicomSeries], dict[Path, I
             cls = SliceWithoutSeries if _is_directory(ds) else InputError
             errors[path] = cls(path, p.problem, p.fix)
             continue
-        groups.setdefault((path.parent, key), []).append(path)
-    series = [DicomSeries(folder=folder, series_uid=key, uid_hash=_uid_hash(key),
+        group = (path.parent, _uid_hash(key))
+        groups.setdefault(group, []).append(path)
+        uids[group] = key
+    series = [DicomSeries(folder=folder, series_uid=uids.get((folder, uid_hash), ""), uid_hash=uid_hash,
                           files=tuple(sorted(files, key=lambda p: (p.name, str(p)))))
-              for (folder, key), files in groups.items()]
+              for (folder, uid_hash), files in groups.items()]
     series.sort(key=lambda s: (str(s.folder), s.uid_hash))
     return series, errors
 

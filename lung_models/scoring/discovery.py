@@ -1,14 +1,13 @@
-"""Score incoming files with exported bundles on ONNX Runtime, in batches, one result row per (item, model).
+"""Discovery: every scoreable item under the input folder, hashed once and classified.
 
-An *item* is what one report row is about: an image file (histology tile or CT slice, PNG/JPEG/
-TIFF or a DICOM slice), a NIfTI volume, or a DICOM series (the slices of one SeriesInstanceUID in
-one folder, assembled into a volume). Preprocessing is rebuilt from the bundle's card alone.
+Image suffixes, NIfTI suffixes, ``.dcm`` and extensionless files with a DICOM preamble are
+considered; anything else (notes, checksums) is ignored. DICOM slices of one series in one folder
+become one item (a scan); a slice alone is its own item. Nothing outside the input folder is ever
+opened, and only regular files are read (a named pipe would block the night).
 
-Statuses: ``ok``; ``rejected`` (the input itself is bad: it would be bad again, so the ledger
-counts it as done); ``error`` (something outside the file's content failed: permissions, the
-model, the runtime; retried by the next run). A file still being written is *skipped*: no row,
-named in the run's log and summary, scored by a later run. Rows name files by their path relative
-to the input folder and their sha256, never by anything read from inside them (no patient data).
+A night's cost grows with what arrived, not with the archive: a :class:`HashCache` (the ledger's
+``file_hashes`` table) remembers each file's hash and what it is (tile or slice, DICOM series) under
+its stat key (size, mtime, ctime, inode); a file whose stat key is unchanged is not read again.
 """
 
 from __future__ import annotations
@@ -16,95 +15,47 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from lung_models import preprocess
-from lung_models.bundle import ModelBundle
 from lung_models.data import dicom
-from lung_models.data.readers import (
-    InputError,
-    check_ct_intensities,
-    error_detail,
-    file_kind,
-    read_nifti_hu,
-    read_rgb_image,
-)
-from lung_models.export import ort_session
+from lung_models.data.readers import file_kind
 from lung_models.fileutil import report_text, sha256_bytes, sha256_file
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
+from lung_models.scoring.items import (
+    DICOM,
+    DICOM_SERIES,
+    ERROR,
+    IMAGE,
+    NIFTI,
+    REFUSED,
+    REJECTED,
+    UNKNOWN_IMAGE,
+    Incoming,
+    Item,
+)
 
 log = logging.getLogger(__name__)
 
-OK, REJECTED, ERROR = "ok", "rejected", "error"
-# Which kinds of item each modality scores. An image whose kind cannot be told (it does not even
-# open) goes to every image model, so each reports the problem on its row.
-MODALITY_INPUTS = {HISTOLOGY_TILE: {HISTOLOGY_TILE, "image"}, CT_SLICE: {CT_SLICE, "image"},
-                   CT_VOLUME: {CT_VOLUME}}
-VOLUME_BATCH = 2
 # input_kind: a pixel is coloured when its channels differ from their mean by more than this many
 # grey levels on average (JPEG chroma noise in a grey slice stays under it); an image is a histology
 # tile when at least this share of its pixels is coloured.
 COLOUR_SPREAD = 4.0
 HISTOLOGY_COLOURED_SHARE = 0.05
-DEFAULT_SETTLE_SECONDS = 60.0
 
 
-class FileChanged(RuntimeError):
-    """A file changed between discovery and reading (still being written): skip it this run."""
+class HashCache(Protocol):
+    """What discovery remembers between nights about each file, under its relative path and stat key:
+    ``{"sha256", "kind", "source"}`` and, for a DICOM slice, ``"series"`` (the hash of its series key)."""
 
+    def lookup(self, relative_path: str, stat_key: tuple[int, ...]) -> dict[str, Any] | None: ...
 
-@dataclass(frozen=True)
-class Item:
-    key: str  # relative path of the file, or of the folder holding a DICOM series ("." for the input folder)
-    kind: str  # histology_tile | ct_slice | ct_volume | image (an image that does not open)
-    source: str  # image | nifti | dicom | dicom_series | refused
-    files: tuple[str, ...]  # relative paths of the files read to score it
-    sha256: str  # content hash: the file's, or for a series a hash over its slices' names and hashes
-    stats: tuple[tuple[int, ...], ...] = ()  # _stat_key of each file when it was hashed
-    series_uid_hash: str = ""
-    refusal: str = ""  # set when the item is refused without being read (symlink out of the folder...)
-    refusal_status: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Item:
-        return cls(**{**d, "files": tuple(d["files"]), "stats": tuple(tuple(s) for s in d["stats"])})
-
-
-@dataclass
-class Incoming:
-    items: list[Item] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
-
-
-@dataclass
-class LoadedModel:
-    bundle: ModelBundle
-    session: Any
-    provider: str
-    input_name: str
-    onnx_sha256: str
-
-
-def open_model(bundle: ModelBundle) -> LoadedModel:
-    """Verify the ONNX file against the bundle, open a session, note the provider that runs."""
-    onnx_sha = bundle.verify()
-    session = ort_session(bundle.onnx_path)
-    provider = session.get_providers()[0]
-    log.info("%s %s runs on ONNX Runtime %s", bundle.name, bundle.version, provider)
-    return LoadedModel(bundle, session, provider, session.get_inputs()[0].name, onnx_sha)
-
-
-def predict(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-    return model.session.run(None, {model.input_name: batch.astype(np.float32, copy=False)})[0]
+    def remember_facts(self, entries: Iterable[tuple[str, tuple[int, ...], dict[str, Any]]]) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -143,15 +94,20 @@ class _Walk:
     unsettled_folders: dict[Path, str] = field(default_factory=dict)
     newest_mtime: dict[Path, float] = field(default_factory=dict)
     undecodable: set[Path] = field(default_factory=set)  # scans refused for a name that is not UTF-8
+    cache: HashCache | None = None
+    new_facts: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = field(default_factory=dict)
+    dicom_items: dict[Path, Item] = field(default_factory=dict)  # DICOM slices, until grouped into series
+    known_series: dict[Path, str] = field(default_factory=dict)  # cached series key hash of a DICOM file
 
     def skip(self, rel: str, why: str) -> None:
         self.found.skipped.append((rel, why))
 
     def refuse(self, rel: str, kind: str, sha: str, status: str, why: str) -> None:
-        self.found.items.append(Item(rel, kind, "refused", (rel,), sha, refusal_status=status, refusal=why))
+        self.found.items.append(Item(rel, kind, REFUSED, (rel,), sha, refusal_status=status, refusal=why))
 
 
-def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | None = None) -> Incoming:
+def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | None = None,
+             cache: HashCache | None = None) -> Incoming:
     """Every scoreable item under ``input_dir`` (recursive; hidden files and folders skipped).
 
     Image suffixes, NIfTI suffixes, ``.dcm`` and extensionless files with a DICOM preamble are
@@ -159,11 +115,12 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
     ``settle_seconds`` ago, or that changes while it is hashed, is still arriving: skipped this run,
     and so is any DICOM series in its folder. A symbolic link is followed only if it stays inside
     the folder; nothing outside is ever opened. Only regular files are read (a named pipe would
-    block the night).
+    block the night). With a ``cache``, files whose stat key it holds are not read again, and what
+    this walk learnt is remembered in it.
     """
     root = Path(input_dir)
     walk = _Walk(root, os.path.realpath(root), datetime.now(timezone.utc).timestamp() if now is None else now,
-                 settle_seconds)
+                 settle_seconds, cache=cache)
 
     def unlistable(exc: OSError) -> None:
         rel = report_text(Path(exc.filename).relative_to(root).as_posix()) if exc.filename else "?"
@@ -188,6 +145,8 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
                 walk.newest_mtime[folder] = max(walk.newest_mtime.get(folder, 0.0), mtime)
     walk.found.items.extend(_series_items(walk))
     walk.found.items.sort(key=lambda i: (i.key, i.series_uid_hash))
+    if cache is not None and walk.new_facts:
+        cache.remember_facts((rel, key, facts) for rel, (key, facts) in walk.new_facts.items())
     return walk.found
 
 
@@ -228,8 +187,10 @@ def _discover_file(walk: _Walk, path: Path) -> None:
             walk.refuse(rel, _kind_by_name(by_name), _link_sha(path, "special file"), REJECTED,
                         f"{name}: not a regular file (a pipe, socket or device), refused; deliver scans as files")
         return
-    try:
-        is_dcm = by_name is None and dicom.is_dicom_file(path)
+    key = _stat_key(before)
+    facts = walk.cache.lookup(rel, key) if walk.cache is not None and not undecodable else None
+    try:  # a cached file is known to be DICOM or not: its preamble is not read again
+        is_dcm = facts["source"] == DICOM if facts else by_name is None and dicom.is_dicom_file(path)
     except OSError as exc:  # an extensionless file that cannot be read: is it a slice? cannot tell
         walk.unsettled_folders[folder] = f"{name} cannot be read"
         walk.skip(rel, f"cannot be read ({exc.strerror}) to tell whether it is a DICOM slice; give the scoring "
@@ -237,8 +198,8 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         return
     if by_name is None and not is_dcm:
         return
-    kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else "image"
-    source = "nifti" if by_name == "volume" else "dicom" if is_dcm else "image"
+    kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else UNKNOWN_IMAGE
+    source = NIFTI if by_name == "volume" else DICOM if is_dcm else IMAGE
     age = walk.now - before.st_mtime
     if walk.settle_seconds and 0 <= age < walk.settle_seconds:  # a future mtime (clock skew) counts as settled
         walk.skip(rel, f"modified {age:.0f} s ago (under {walk.settle_seconds:.0f} s): may still be arriving; "
@@ -246,47 +207,65 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         if is_dcm:
             walk.unsettled_folders[folder] = f"{name} is still arriving"
         return
-    try:
-        sha = sha256_file(path)
-    except OSError as exc:
-        if is_dcm:
-            walk.unsettled_folders[folder] = f"{name} cannot be read"
-        walk.refuse(rel, kind, "", ERROR, f"{name}: cannot be read ({exc.strerror}); "
-                                          "give the scoring user read access to it")
-        return
-    key = _stat_key(before)
-    try:
-        changed = _stat_key(path.stat()) != key
-    except OSError:
-        changed = True
-    if changed:
-        walk.skip(rel, "changed while being read: still being written; a later run scores it")
-        if is_dcm:
-            walk.unsettled_folders[folder] = f"{name} is still being written"
-        return
-    if source == "image":
-        kind = input_kind(path)
-    elif source == "dicom":
-        walk.dicom_files[path] = (sha, key)  # still grouped: its series is then refused, not scored short
+    if facts:
+        sha, kind = facts["sha256"], facts["kind"]
+        walk.found.cached += 1
+    else:
+        try:
+            sha = sha256_file(path)
+        except OSError as exc:
+            if is_dcm:
+                walk.unsettled_folders[folder] = f"{name} cannot be read"
+            walk.refuse(rel, kind, "", ERROR, f"{name}: cannot be read ({exc.strerror}); "
+                                              "give the scoring user read access to it")
+            return
+        try:
+            changed = _stat_key(path.stat()) != key
+        except OSError:
+            changed = True
+        if changed:
+            walk.skip(rel, "changed while being read: still being written; a later run scores it")
+            if is_dcm:
+                walk.unsettled_folders[folder] = f"{name} is still being written"
+            return
+        if source == IMAGE:
+            kind = input_kind(path)
+        walk.found.hashed += 1
+        if not undecodable:
+            walk.new_facts[rel] = (key, {"sha256": sha, "kind": kind, "source": source})
     if undecodable:  # SQLite and a UTF-8 CSV cannot hold the name: one row naming it escaped, not a crashed night
-        if source == "dicom":
+        if source == DICOM:
+            walk.dicom_files[path] = (sha, key)  # still grouped: its series is then refused, not scored short
             walk.undecodable.add(path)
         walk.refuse(rel, kind, sha, REJECTED, f"{rel}: the file or folder name is not valid UTF-8 (shown here "
                                               "with \\x escapes), so reports cannot name it; rename it to UTF-8")
         return
-    walk.found.items.append(Item(rel, kind, source, (rel,), sha, (key,)))
+    item = Item(rel, kind, source, (rel,), sha, (key,))
+    if source == DICOM:  # one item per scan: a slice of a series is held until the series is known
+        walk.dicom_files[path] = (sha, key)
+        walk.dicom_items[path] = item
+        if facts and facts.get("series"):
+            walk.known_series[path] = facts["series"]
+    else:
+        walk.found.items.append(item)
 
 
 def _kind_by_name(by_name: str | None) -> str:
     """The item kind a file's name promises: NIfTI a volume, an image suffix an image, else a DICOM slice."""
-    return CT_VOLUME if by_name == "volume" else "image" if by_name == "image" else CT_SLICE
+    return CT_VOLUME if by_name == "volume" else UNKNOWN_IMAGE if by_name == "image" else CT_SLICE
 
 
 def _series_items(walk: _Walk) -> list[Item]:
-    """One ct_volume item per DICOM series of two or more slices (one slice alone is only a slice).
-    A folder with a slice still arriving or unreadable, or changed within the settling time, gets
-    no series this run: it is named in the skipped list and a later run assembles it."""
-    series, unreadable = dicom.group_series(walk.dicom_files)  # bad headers: their slice rows say why
+    """One ct_volume item per DICOM series of two or more slices, and one ct_slice item per slice that
+    is alone in its series (or whose header names none: its row says why). A folder with a slice
+    still arriving or unreadable, or changed within the settling time, gets no series this run: it is
+    named in the skipped list and a later run scores the whole scan."""
+    series, unreadable = dicom.group_series(walk.dicom_files, known=walk.known_series)
+    for s in series:  # remember each slice's series, so tomorrow its header is not read again
+        for f in s.files:
+            rel = report_text(f.relative_to(walk.root).as_posix())
+            if rel in walk.new_facts:
+                walk.new_facts[rel][1]["series"] = s.uid_hash
     # Per folder, the files that may be a missing slice of its series: broken content (empty,
     # truncated, not DICOM) or a name reports cannot hold. A readable file naming no series
     # (a DICOMDIR) is not one of them.
@@ -298,9 +277,10 @@ def _series_items(walk: _Walk) -> list[Item]:
             suspects.setdefault(path.parent, {})[path] = report_text(f"cannot be read as DICOM ({problem})")
     for path in walk.undecodable:  # DICOM files only
         suspects.setdefault(path.parent, {}).setdefault(path, "has a name that is not valid UTF-8")
-    items = []
+    items = [walk.dicom_items[p] for p in unreadable if p in walk.dicom_items]
     for s in series:
         if len(s.files) < 2:
+            items.extend(walk.dicom_items[f] for f in s.files if f in walk.dicom_items)
             continue
         raw_key = s.folder.relative_to(walk.root).as_posix()
         key = report_text(raw_key)
@@ -315,7 +295,7 @@ def _series_items(walk: _Walk) -> list[Item]:
             items.append(_refused_series(walk, s, key, suspects.get(s.folder, {}), folder_named=key != raw_key))
             continue
         rels = tuple(f.relative_to(walk.root).as_posix() for f in s.files)
-        items.append(Item(key, CT_VOLUME, "dicom_series", rels, _series_digest(walk, s.files),
+        items.append(Item(key, CT_VOLUME, DICOM_SERIES, rels, _series_digest(walk, s.files),
                           tuple(walk.dicom_files[f][1] for f in s.files), series_uid_hash=s.uid_hash))
     return items
 
@@ -341,7 +321,7 @@ def _refused_series(walk: _Walk, s: dicom.DicomSeries, key: str, suspects: dict[
         more = f" (and {len(suspects) - 1} more files)" if len(suspects) > 1 else ""
         why = (f"{key}: DICOM series not scored: {report_text(first.name)} in its folder {reason}{more}, so the "
                "series may be missing a slice; fix, rename or remove that file and a later run scores the series")
-    return Item(key, CT_VOLUME, "dicom_series", tuple(report_text(f.relative_to(walk.root).as_posix()) for f in files),
+    return Item(key, CT_VOLUME, DICOM_SERIES, tuple(report_text(f.relative_to(walk.root).as_posix()) for f in files),
                 _series_digest(walk, files, tag="broken series\n"), series_uid_hash=s.uid_hash,
                 refusal_status=REJECTED, refusal=why)
 
@@ -369,146 +349,3 @@ def input_kind(path: Path) -> str:
     return HISTOLOGY_TILE if (spread > COLOUR_SPREAD).mean() >= HISTOLOGY_COLOURED_SHARE else CT_SLICE
 
 
-def items_for(bundle: ModelBundle, items: Iterable[Item]) -> list[Item]:
-    wanted = MODALITY_INPUTS[bundle.modality]
-    return [i for i in items if i.kind in wanted]
-
-
-# -------------------------------------------------------------------------------------------- reading
-def _check_unchanged(item: Item, root: Path) -> None:
-    for rel, then in zip(item.files, item.stats):
-        try:
-            now = _stat_key((root / rel).stat())
-        except OSError:
-            now = None
-        if now != tuple(then):
-            raise FileChanged(f"{rel}: changed or removed since it was hashed; a later run scores it")
-
-
-def load_input(item: Item, root: Path, params: dict[str, Any]) -> np.ndarray:
-    """Decode and preprocess one item for a model whose card holds ``params``."""
-    path = root / item.files[0]
-    if item.source == "image":
-        data = read_rgb_image(path)
-    elif item.source == "nifti":
-        volume, _ = read_nifti_hu(path)
-        data = check_ct_intensities(path, volume)
-    elif item.source == "dicom":
-        window = params.get("ct_window")
-        if not window:
-            raise BundleInputError(f"{path.name}: this model's bundle records no ct_window, so DICOM slices cannot be "
-                                   "windowed like its training images; re-export the model with this version")
-        data = dicom.slice_to_rgb(path, float(window["center"]), float(window["width"]))
-    elif item.source == "dicom_series":
-        series = dicom.DicomSeries(folder=path.parent, series_uid="", uid_hash=item.series_uid_hash,
-                                   files=tuple(root / f for f in item.files))
-        volume, _, _ = dicom.read_series_hu(series)
-        data = check_ct_intensities(path.parent, volume)
-    else:
-        raise ValueError(f"unknown item source {item.source!r}")
-    _check_unchanged(item, root)  # the bytes decoded are the bytes hashed
-    return preprocess.model_input(data, params)
-
-
-class BundleInputError(RuntimeError):
-    """The bundle cannot take this kind of input (an error of the model, not of the file)."""
-
-
-# -------------------------------------------------------------------------------------------- scoring
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def result_row(model: LoadedModel | ModelBundle, item: Item, **values: Any) -> dict[str, Any]:
-    """One report row; ``values`` fill status, error, predicted class, probabilities, provider."""
-    bundle = model.bundle if isinstance(model, LoadedModel) else model
-    return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
-            "model_version": bundle.version, "bundle_sha256": bundle.card["onnx_sha256"],
-            "item_kind": item.source, "series_uid_hash": item.series_uid_hash,
-            "provider": model.provider if isinstance(model, LoadedModel) else "",
-            "scored_utc": _now(), "predicted_class": "", "error": "", **values}
-
-
-def refused_rows(bundle: ModelBundle, items: Iterable[Item], reason: str) -> list[dict[str, Any]]:
-    """Rows for items a model could not score at all (its bundle was refused): the report still
-    lists every (item, model) pair and says why; ``error``, so the next run tries again."""
-    return [result_row(bundle, item, status=ERROR, error=reason) for item in items]
-
-
-def _failure_row(model: LoadedModel, item: Item, root: Path, exc: Exception) -> dict[str, Any] | None:
-    """The row for an item that could not be loaded, or None if it is to be skipped this run.
-
-    ``rejected`` only when the content is at fault (it would fail again); the system's faults
-    (permissions, I/O, memory, the bundle) are ``error``, retried by the next run.
-    """
-    name = Path(item.key).name
-    if isinstance(exc, FileChanged):
-        return None
-    if isinstance(exc, InputError):
-        return result_row(model, item, status=REJECTED, error=str(exc))
-    if isinstance(exc, BundleInputError):
-        return result_row(model, item, status=ERROR, error=str(exc))
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return result_row(model, item, status=ERROR, error=f"{name}: cannot be read ({exc.strerror}); check the "
-                          "file system and the scoring user's permissions")
-    if isinstance(exc, MemoryError):
-        return result_row(model, item, status=ERROR, error=f"{name}: out of memory while decoding; score it on a "
-                          "machine with more memory or with a smaller batch")
-    return result_row(model, item, status=REJECTED, error=(
-        f"{name}: cannot be decoded or preprocessed ({error_detail(exc, root / item.key)}); re-export or "
-        "re-transfer the file"))
-
-
-def score_items(model: LoadedModel, items: Iterable[Item], root: Path, batch_size: int = 8,
-                skipped: list[tuple[str, str]] | None = None) -> Iterator[list[dict[str, Any]]]:
-    """Yield the rows of each batch (so a caller can commit them batch by batch). Items are read
-    and preprocessed one at a time and run in batches, so memory is bounded by the batch size."""
-    bundle = model.bundle
-    params = bundle.preprocessing
-    if params["kind"] == "ct_volume":  # a batch of 3-D volumes costs gigabytes: keep it small
-        batch_size = min(batch_size, VOLUME_BATCH)
-    classes = bundle.class_names
-    pending: list[tuple[Item, np.ndarray]] = []
-    out: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        try:
-            probs = predict(model, np.stack([x for _, x in pending]))
-        except Exception as exc:  # noqa: BLE001 - a runtime failure fails this batch's rows, not the night
-            out.extend(result_row(model, item, status=ERROR, error=f"{Path(item.key).name}: inference failed "
-                                  f"({error_detail(exc, root / item.key)}); check the model and the runtime")
-                       for item, _ in pending)
-        else:
-            for (item, _), p in zip(pending, probs):
-                out.append(result_row(model, item, status=OK, predicted_class=classes[int(np.argmax(p))],
-                                      **{f"prob_{c}": float(v) for c, v in zip(classes, p)}))
-        pending.clear()
-
-    for item in items:
-        if item.refusal:
-            out.append(result_row(model, item, status=item.refusal_status, error=item.refusal))
-        else:
-            try:
-                pending.append((item, load_input(item, root, params)))
-            except Exception as exc:  # noqa: BLE001 - one bad file must never end the night
-                failure: Exception = exc
-                try:
-                    _check_unchanged(item, root)  # a failure on a file that changed meanwhile says nothing of it
-                except FileChanged as changed:
-                    failure = changed
-                row = _failure_row(model, item, root, failure)
-                if row is not None:
-                    out.append(row)
-                else:
-                    log.warning("skipped: %s", failure)
-                    if skipped is not None:
-                        skipped.append((item.key, str(failure)))
-        if len(pending) >= batch_size:
-            flush()
-        if len(out) >= batch_size:
-            yield list(out)
-            out.clear()
-    if pending:
-        flush()
-    if out:
-        yield list(out)

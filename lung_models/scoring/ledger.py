@@ -32,10 +32,13 @@ Why every (file, model version) appears exactly once in the outputs, whatever cr
   current after every publish and never contains a row twice.
 
 No reader ever sees a partial CSV: every CSV is streamed to a temporary file in the same directory
-and renamed over the target. Memory does not grow with the number of rows: rows are streamed from
-SQLite cursors, and the CSV header is computed from a small table of the column sets seen.
+and renamed over the target (``report.write_csv``). Memory does not grow with the number of rows:
+rows are streamed from SQLite cursors, and every CSV has the one fixed header of ``rows.COLUMNS``.
 
-Runs are serialised by :func:`scoring_lock` (an ``flock`` on ``<output_dir>/.scoring.lock``,
+The ledger also keeps discovery's hash cache (``file_hashes``): each file's sha256 and what it is,
+under its stat key, so an unchanged file is not read again the next night (see ``discovery``).
+
+Runs are serialised by :func:`lock.scoring_lock` (an ``flock`` on ``<output_dir>/.scoring.lock``,
 released by the kernel even when its holder is killed -9); take it around ``done``/scoring/
 ``record``/``publish``/``write_cumulative``. ``publish`` relies on it: it deletes leftover CSV temp
 files it takes for a dead writer's (see ``Ledger._remove_stale_temps``).
@@ -45,48 +48,34 @@ Pure library code: no Prefect imports.
 
 from __future__ import annotations
 
-import csv
-import errno
-import fcntl
 import itertools
 import json
 import logging
 import os
 import re
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
-from datetime import datetime, timezone
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lung_models.fileutil import atomic_writer, report_text
+from lung_models.fileutil import report_text
+from lung_models.scoring.items import DONE_STATUSES, STATUSES, utc_now
+from lung_models.scoring.lock import pid_alive
+from lung_models.scoring.report import write_csv
+from lung_models.scoring.rows import COLUMNS, REQUIRED_COLUMNS
 
 log = logging.getLogger(__name__)
 
 LEDGER_NAME = "ledger.sqlite3"
-LOCK_NAME = ".scoring.lock"
 CUMULATIVE_NAME = "scores-cumulative.csv"
-# How long a run waits for another run on the same output folder (a long night's run) before failing.
-DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
-DONE_STATUSES = frozenset({"ok", "rejected"})
-STATUSES = frozenset({"ok", "rejected", "error"})
-KEY_COLUMNS = ("relative_path", "file_sha256", "bundle_sha256", "model")
-REQUIRED_COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "bundle_sha256", "status")
-# Every CSV: LEAD_COLUMNS, the prob_* columns (by first appearance in the ledger), TAIL_COLUMNS, then
-# any other column alphabetically. LEAD and TAIL columns are always present, blank when unset.
-LEAD_COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "predicted_class")
-TAIL_COLUMNS = ("status", "error", "provider", "scored_utc", "bundle_sha256", "item_kind", "series_uid_hash",
-                "run_id")
-FIXED_COLUMNS = frozenset(LEAD_COLUMNS + TAIL_COLUMNS)
-PROB_PREFIX = "prob_"
-
 # 2: the done key and the attempt index include the model (1 had no model in the done key, no file_sha256 in
 # rows_attempt). 1 -> 2 only recreates those two indexes: the new unique index is looser, so it always builds.
-_SCHEMA_VERSION = 2
+# 3: fixed CSV columns (rows.COLUMNS; older rows are upgraded as they are written out, rows.upgrade) and the
+# file_hashes table. The keysets and columns tables of 2 are no longer written; rows.keyset is 0 from 3 on.
+_SCHEMA_VERSION = 3
 _REBUILT_INDEXES = {1: ("rows_done_key", "rows_attempt")}  # by the version they are rebuilt from
 _DONE_CHUNK = 400  # (path, sha) pairs per query: 802 parameters, far below SQLite's limit
 STALE_TEMP_SECONDS = 3600  # a CSV temp file untouched this long is a dead writer's (writers rewrite it within seconds)
@@ -95,13 +84,11 @@ _TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 _STAMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS keysets (
-    id INTEGER PRIMARY KEY,
-    keys TEXT NOT NULL UNIQUE            -- JSON list of a row's non-fixed column names, sorted
-);
-CREATE TABLE IF NOT EXISTS columns (
-    name TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL                 -- first appearance in the ledger: orders the prob_ columns
+CREATE TABLE IF NOT EXISTS file_hashes (
+    relative_path TEXT PRIMARY KEY,
+    stat_key TEXT NOT NULL,              -- JSON [size, mtime_ns, ctime_ns, inode] when it was hashed
+    facts TEXT NOT NULL,                 -- JSON {"sha256", "kind", "source"[, "series"]}
+    seen_utc TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS reports (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -124,7 +111,7 @@ CREATE TABLE IF NOT EXISTS rows (
     superseded INTEGER NOT NULL DEFAULT 0,   -- an unreported error row with a later attempt
     run_id TEXT NOT NULL,
     recorded_utc TEXT NOT NULL,
-    keyset INTEGER NOT NULL REFERENCES keysets(id),
+    keyset INTEGER NOT NULL DEFAULT 0,       -- schema 2's column sets, unused since 3
     row_json TEXT NOT NULL,
     report TEXT REFERENCES reports(name)     -- NULL until claimed by a night CSV
 );
@@ -150,98 +137,6 @@ ON CONFLICT DO NOTHING
 """
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class ScoringLockTimeout(RuntimeError):
-    """Another scoring run held the output folder's lock for longer than the timeout."""
-
-
-# --------------------------------------------------------------------------------------------- lock
-def _read_holder(path: Path) -> dict[str, str]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {}
-    info = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            info[key.strip()] = value.strip()
-    return info
-
-
-def _lock_timeout_message(path: Path, timeout: float) -> str:
-    info = _read_holder(path)
-    if info.get("pid"):
-        holder = (f"pid {info['pid']} on host {info.get('host', '?')}, started {info.get('started_utc', '?')}"
-                  + (f", {info['label']}" if info.get("label") else ""))
-        advice = (f"Let it finish, or, if that process is hung, stop it (`kill {info['pid']}` on "
-                  f"{info.get('host', 'its host')}) and rerun")
-    else:
-        holder = "holder unknown: it has not written its pid yet"
-        advice = "Let it finish, or find and stop it (`fuser -v <lock>` lists it) and rerun"
-    return (f"another scoring run holds the lock {path} ({holder}); gave up after waiting {timeout:g} s. "
-            f"{advice}. The lock is released automatically when its holder exits, even if killed; "
-            "do not delete the lock file.")
-
-
-@contextmanager
-def scoring_lock(output_dir: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT, poll: float = 0.5, *,
-                 label: str = "") -> Iterator[Path]:
-    """Hold the exclusive scoring lock of ``output_dir`` (``flock`` on ``.scoring.lock``).
-
-    Non-blocking attempts are polled every ``poll`` seconds until ``timeout`` (``0``: one attempt);
-    then :class:`ScoringLockTimeout` names the holder. Once acquired, the holder's pid, host, start
-    time (UTC) and ``label`` (e.g. the flow run id) are written into the lock file. The kernel drops
-    the lock when the holding process exits, even on kill -9, so a crash never leaves a stale lock.
-    Not re-entrant: taking it again in the same process (or thread) waits for itself.
-    """
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    # os.open fds are non-inheritable (PEP 446): a child the holder exec()s does not keep the lock.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ScoringLockTimeout(_lock_timeout_message(path, timeout))
-            time.sleep(min(max(poll, 0.01), remaining))
-        details = (f"pid={os.getpid()}\nhost={socket.gethostname()}\nstarted_utc={_now()}\n"
-                   + (f"label={' '.join(label.split())}\n" if label else ""))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, details.encode("utf-8"), 0)
-        try:
-            yield path
-        finally:
-            try:
-                os.ftruncate(fd, 0)  # the details describe the current holder only
-            except OSError:
-                pass
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def _json_default(value: Any) -> Any:
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item):
@@ -258,7 +153,6 @@ class Ledger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / LEDGER_NAME
         self._mutex = threading.RLock()
-        self._keysets: dict[tuple[str, ...], int] = {}
         # isolation_level=None: no implicit transactions; every write below is an explicit
         # BEGIN IMMEDIATE ... COMMIT, and reads run in autocommit.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
@@ -341,38 +235,16 @@ class Ledger:
         """
         if not rows:
             return 0
-        recorded = _now()
-        prepared = [self._validate(r) for r in rows]
-        new_keysets: dict[tuple[str, ...], int] = {}
+        recorded = utc_now()
+        params = [{
+            "relative_path": row["relative_path"], "file_sha256": row["file_sha256"],
+            "bundle_sha256": row["bundle_sha256"], "model": row["model"], "model_version": row["model_version"],
+            "status": row["status"], "done": int(row["status"] in DONE_STATUSES), "run_id": run_id,
+            "recorded_utc": recorded, "keyset": 0,
+            "row_json": json.dumps({**row, "run_id": run_id}, separators=(",", ":"), default=_json_default),
+        } for row in map(self._validate, rows)]
         with self._transaction() as conn:
-            seq_by_name = None
-            params = []
-            for row in prepared:
-                extras = tuple(sorted(k for k in row if k not in FIXED_COLUMNS))
-                keyset = self._keysets.get(extras) or new_keysets.get(extras)
-                if keyset is None:
-                    if seq_by_name is None:
-                        seq_by_name = dict(conn.execute("SELECT name, seq FROM columns"))
-                    for name in row:  # first appearance order, as the row lists its columns
-                        if name not in FIXED_COLUMNS and name not in seq_by_name:
-                            seq_by_name[name] = max(seq_by_name.values(), default=0) + 1
-                            conn.execute("INSERT INTO columns (name, seq) VALUES (?, ?)", (name, seq_by_name[name]))
-                    keys = json.dumps(list(extras))
-                    conn.execute("INSERT OR IGNORE INTO keysets (keys) VALUES (?)", (keys,))
-                    keyset = conn.execute("SELECT id FROM keysets WHERE keys = ?", (keys,)).fetchone()[0]
-                    new_keysets[extras] = keyset
-                stored = {**row, "run_id": run_id}
-                params.append({
-                    "relative_path": row["relative_path"], "file_sha256": row["file_sha256"],
-                    "bundle_sha256": row["bundle_sha256"], "model": row["model"],
-                    "model_version": row["model_version"], "status": row["status"],
-                    "done": int(row["status"] in DONE_STATUSES), "run_id": run_id, "recorded_utc": recorded,
-                    "keyset": keyset,
-                    "row_json": json.dumps(stored, separators=(",", ":"), default=_json_default),
-                })
-            cursor = conn.executemany(_INSERT_ROW, params)
-            inserted = cursor.rowcount
-        self._keysets.update(new_keysets)  # only ids that are committed
+            inserted = conn.executemany(_INSERT_ROW, params).rowcount
         if inserted < len(rows):
             log.info("ledger: run %s recorded %d rows, ignored %d already done", run_id, inserted,
                      len(rows) - inserted)
@@ -397,21 +269,24 @@ class Ledger:
         # fail every publish of the CSV after it: escape it here, whoever built the row.
         return {k: report_text(v) if isinstance(v, str) else v for k, v in row.items()}
 
-    # -- columns
-    def _header(self, extras: Iterable[str]) -> list[str]:
-        extras = set(extras) - FIXED_COLUMNS
+    # -- the hash cache (discovery.HashCache)
+    def lookup(self, relative_path: str, stat_key: tuple[int, ...]) -> dict[str, Any] | None:
+        """What was learnt about the file at ``relative_path`` when it had this stat key, or None."""
         with self._mutex:
-            seq = dict(self._conn.execute("SELECT name, seq FROM columns"))
-        probs = sorted((c for c in extras if c.startswith(PROB_PREFIX)), key=lambda c: (seq.get(c, 1 << 62), c))
-        others = sorted(c for c in extras if not c.startswith(PROB_PREFIX))
-        return [*LEAD_COLUMNS, *probs, *TAIL_COLUMNS, *others]
+            found = self._conn.execute("SELECT stat_key, facts FROM file_hashes WHERE relative_path = ?",
+                                       (relative_path,)).fetchone()
+        if found is None or json.loads(found[0]) != list(stat_key):
+            return None
+        return json.loads(found[1])
 
-    def _extras_of_keysets(self, keyset_ids: Iterable[int]) -> set[str]:
-        extras: set[str] = set()
-        for (keys,) in self._conn.execute(
-                f"SELECT keys FROM keysets WHERE id IN ({','.join(str(int(k)) for k in keyset_ids) or 'NULL'})"):
-            extras.update(json.loads(keys))
-        return extras
+    def remember_facts(self, entries: Iterable[tuple[str, tuple[int, ...], dict[str, Any]]]) -> None:
+        """Store what discovery learnt, in one transaction (a kill before it only costs re-hashing)."""
+        now = utc_now()
+        params = [(rel, json.dumps(list(key)), json.dumps(facts, sort_keys=True), now) for rel, key, facts in entries]
+        with self._transaction() as conn:
+            conn.executemany("INSERT INTO file_hashes (relative_path, stat_key, facts, seen_utc) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (relative_path) DO UPDATE SET stat_key = excluded.stat_key, "
+                             "facts = excluded.facts, seen_utc = excluded.seen_utc", params)
 
     # -- reports
     def publish(self, run_id: str, stamp: str) -> Path:
@@ -460,10 +335,9 @@ class Ledger:
                     break
             claimed = conn.execute("UPDATE rows SET report = ? WHERE report IS NULL AND superseded = 0",
                                    (name,)).rowcount
-            keysets = [k for (k,) in conn.execute("SELECT DISTINCT keyset FROM rows WHERE report = ?", (name,))]
-            header = self._header(self._extras_of_keysets(keysets))
+            header = list(COLUMNS)
             conn.execute("INSERT INTO reports (name, run_id, claimed_utc, n_rows, header) VALUES (?, ?, ?, ?, ?)",
-                         (name, run_id, _now(), claimed, json.dumps(header)))
+                         (name, run_id, utc_now(), claimed, json.dumps(header)))
         log.info("ledger: run %s claimed %d rows for %s", run_id, claimed, name)
         return name
 
@@ -471,9 +345,9 @@ class Ledger:
         (header_json,) = self._conn.execute("SELECT header FROM reports WHERE name = ?", (name,)).fetchone()
         path = self.output_dir / name
         rows = self._conn.execute("SELECT run_id, row_json FROM rows WHERE report = ? ORDER BY id", (name,))
-        self._write_csv(path, json.loads(header_json), rows)
+        write_csv(path, json.loads(header_json), rows)
         with self._transaction() as conn:
-            conn.execute("UPDATE reports SET published_utc = ? WHERE name = ?", (_now(), name))
+            conn.execute("UPDATE reports SET published_utc = ? WHERE name = ?", (utc_now(), name))
         return path
 
     def write_cumulative(self) -> Path:
@@ -481,9 +355,6 @@ class Ledger:
         done row once, and for error rows only the latest published attempt per (path, content,
         model, bundle) that no later published row replaced. Streamed: memory does not grow with the rows."""
         with self._mutex:
-            extras: set[str] = set()
-            for (header,) in self._conn.execute("SELECT header FROM reports WHERE published_utc IS NOT NULL"):
-                extras.update(json.loads(header))
             rows = self._conn.execute(
                 "SELECT r.run_id, r.row_json FROM rows AS r JOIN reports AS p ON p.name = r.report "
                 "WHERE p.published_utc IS NOT NULL AND (r.done = 1 OR NOT EXISTS ("
@@ -492,18 +363,7 @@ class Ledger:
                 f"  AND later.model = r.model AND {_SAME_CONTENT.format(row='r')} AND later.id > r.id "
                 "  AND lp.published_utc IS NOT NULL)) "
                 "ORDER BY r.id")
-            return self._write_csv(self.output_dir / CUMULATIVE_NAME, self._header(extras), rows)
-
-    @staticmethod
-    def _write_csv(path: Path, header: list[str], rows: sqlite3.Cursor) -> Path:
-        with closing(rows), atomic_writer(path) as handle:  # closing: never leave a read open
-            writer = csv.DictWriter(handle, fieldnames=header, restval="", extrasaction="ignore")
-            writer.writeheader()
-            for run_id, row_json in rows:
-                row = json.loads(row_json)
-                row["run_id"] = run_id
-                writer.writerow(row)
-        return path
+            return write_csv(self.output_dir / CUMULATIVE_NAME, list(COLUMNS), rows)
 
     def _remove_stale_temps(self) -> None:
         """Remove CSV temp files left by interrupted writers: those untouched for STALE_TEMP_SECONDS,
@@ -520,7 +380,7 @@ class Ledger:
             except OSError:  # already gone
                 continue
             pid = int(match.group(1))
-            if age > STALE_TEMP_SECONDS or (pid != os.getpid() and not _pid_alive(pid)):
+            if age > STALE_TEMP_SECONDS or (pid != os.getpid() and not pid_alive(pid)):
                 log.info("ledger: removing %s left by an interrupted write (%.0f s old)", tmp, age)
                 tmp.unlink(missing_ok=True)
 

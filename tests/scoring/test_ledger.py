@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -17,19 +18,14 @@ import pandas as pd
 import pytest
 
 from lung_models import fileutil
-from lung_models import ledger as ledger_mod
 from lung_models.fileutil import atomic_writer
-from lung_models.ledger import (
-    CUMULATIVE_NAME,
-    LEAD_COLUMNS,
-    LOCK_NAME,
-    TAIL_COLUMNS,
-    Ledger,
-    ScoringLockTimeout,
-    scoring_lock,
-)
+from lung_models.scoring import ledger as ledger_mod
+from lung_models.scoring import report as report_mod
+from lung_models.scoring.ledger import CUMULATIVE_NAME, Ledger
+from lung_models.scoring.lock import LOCK_NAME, ScoringLockTimeout, scoring_lock
+from lung_models.scoring.rows import COLUMNS, prediction
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HIST = ["aca", "n", "scc"]
 CT = ["normal", "covid"]
 
@@ -40,8 +36,7 @@ def row(path: str, sha: str | None = None, *, bundle: str = "b1", model: str = "
            "model_version": version, "bundle_sha256": bundle, "status": status, "error": "",
            "predicted_class": "", "provider": "CPUExecutionProvider", "scored_utc": "2026-01-01T00:00:00+00:00"}
     if status == "ok":
-        out["predicted_class"] = classes[0]
-        out.update({f"prob_{c}": round(1.0 / (i + 2), 4) for i, c in enumerate(classes)})
+        out.update(prediction(classes, [[1.0 / (i + 2) for i in range(len(classes))]]))
     elif status == "error":
         out["error"] = "cannot read"
     out.update(extra)
@@ -234,6 +229,7 @@ def test_record_batch_is_one_transaction(ledger):
 
 # ------------------------------------------------------------------------------------------ reports
 def test_publish_columns_cumulative_and_pandas(ledger):
+    """Every CSV has the one fixed header, whatever the models, classes or extra keys of its rows."""
     out = ledger.output_dir
     hist = [row(f"tiles/h{i}.jpeg", item_kind="histology_tile", zeta_note="z") for i in range(3)]
     ct = [row(f"ct/c{i}.png", model="ct", bundle="b-ct", classes=CT, item_kind="ct_slice", alpha_extra=i)
@@ -244,39 +240,55 @@ def test_publish_columns_cumulative_and_pandas(ledger):
     assert ledger.record("run1", ct + series) == 3
     night1 = ledger.publish("run1", "20260101")
     assert night1 == out / "scores-20260101.csv"
-    expected = [*LEAD_COLUMNS, "prob_aca", "prob_n", "prob_scc", "prob_normal", "prob_covid", *TAIL_COLUMNS,
-                "alpha_extra", "zeta_note"]
-    assert header(night1) == expected
+    assert header(night1) == list(COLUMNS)
     rows1 = read_csv(night1)
     assert len(rows1) == 6 and {r["run_id"] for r in rows1} == {"run1"}
 
     df = pd.read_csv(night1)
-    assert list(df.columns) == expected and len(df) == 6
-    hist_df = df[df["model"] == "hist"]
-    assert hist_df["prob_normal"].isna().all() and hist_df["prob_aca"].notna().all()
-    assert df[df["model"] == "ct"]["prob_scc"].isna().all()
+    assert list(df.columns) == list(COLUMNS) and len(df) == 6
     assert df.loc[df["relative_path"] == "dicom/series1", "series_uid_hash"].item() == "abc123"
-    assert df.loc[df["relative_path"] == "tiles/h0.jpeg", "prob_aca"].item() == pytest.approx(0.5)
+    tile = df[df["relative_path"] == "tiles/h0.jpeg"].iloc[0]
+    assert json.loads(tile.probabilities) == pytest.approx({"aca": 0.5, "n": 1 / 3, "scc": 0.25})
+    assert tile.predicted_class == "aca" and tile.probability == pytest.approx(0.5)
+    assert set(json.loads(df[df["model"] == "ct"].probabilities.iloc[0])) == set(CT)
 
-    # nothing new: a header-only CSV; the same stamp gets a suffix
+    # nothing new: a header-only CSV with the same header; the same stamp gets a suffix
     night2 = ledger.publish("run2", "20260101")
     assert night2 == out / "scores-20260101-2.csv"
-    assert read_csv(night2) == [] and header(night2)[:5] == list(LEAD_COLUMNS)
+    assert read_csv(night2) == [] and header(night2) == list(COLUMNS)
     assert len(pd.read_csv(night2)) == 0
 
     # a third night with a new file: only that row
     ledger.record("run3", [row("tiles/new.jpeg")])
     night3 = ledger.publish("run3", "20260103")
     assert [r["relative_path"] for r in read_csv(night3)] == ["tiles/new.jpeg"]
-    assert header(night3) == [*LEAD_COLUMNS, "prob_aca", "prob_n", "prob_scc", *TAIL_COLUMNS]
+    assert header(night3) == list(COLUMNS)
 
     cumulative = ledger.write_cumulative()
     assert cumulative == out / CUMULATIVE_NAME
-    assert header(cumulative) == expected
+    assert header(cumulative) == list(COLUMNS)
     cum = read_csv(cumulative)
     assert [r["relative_path"] for r in cum] == [r["relative_path"] for r in rows1] + ["tiles/new.jpeg"]
     assert len(pd.read_csv(cumulative)) == 7
     assert not list(out.glob(".*.tmp"))
+
+
+def test_rows_of_an_older_ledger_keep_their_probabilities_under_the_fixed_header(ledger):
+    """Schema 2 stored one prob_<class> column per class: they are written out as the JSON cells."""
+    old = {"relative_path": "a.png", "file_sha256": "s", "model": "m", "model_version": "1", "bundle_sha256": "b",
+           "status": "ok", "predicted_class": "x", "prob_x": 0.75, "prob_y": 0.25}
+    ledger.record("run1", [old])
+    (got,) = read_csv(ledger.publish("run1", "n1"))
+    assert json.loads(got["probabilities"]) == {"x": 0.75, "y": 0.25} and float(got["probability"]) == 0.75
+    assert "prob_x" not in got and got["n_inputs"] == "1"
+
+
+def test_the_hash_cache_answers_only_for_the_same_stat_key(ledger, tmp_path):
+    ledger.remember_facts([("a.png", (10, 1, 1, 7), {"sha256": "s1", "kind": "ct_slice", "source": "image"})])
+    assert ledger.lookup("a.png", (10, 1, 1, 7)) == {"sha256": "s1", "kind": "ct_slice", "source": "image"}
+    assert ledger.lookup("a.png", (10, 2, 1, 7)) is None and ledger.lookup("b.png", (10, 1, 1, 7)) is None
+    ledger.remember_facts([("a.png", (11, 2, 2, 7), {"sha256": "s2", "kind": "ct_slice", "source": "image"})])
+    assert ledger.lookup("a.png", (10, 1, 1, 7)) is None and ledger.lookup("a.png", (11, 2, 2, 7))["sha256"] == "s2"
 
 
 def test_unpublished_rows_are_not_in_cumulative(ledger):
@@ -332,7 +344,7 @@ def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent("""
         import sys, time
-        from lung_models.ledger import Ledger, scoring_lock
+        from lung_models.scoring import Ledger, scoring_lock
         out, run = sys.argv[1], sys.argv[2]
         items = [(f"f{i:03d}.png", f"sha{i}") for i in range(60)]
         with scoring_lock(out, timeout=30, poll=0.05), Ledger(out) as led:
@@ -398,7 +410,7 @@ def test_csv_never_observed_partial(ledger, monkeypatch):
             return super().writerow(rowdict)
 
     ledger.record("run2", [row(f"b{i}.png") for i in range(10)])
-    monkeypatch.setattr(ledger_mod.csv, "DictWriter", DiskFull)
+    monkeypatch.setattr(report_mod.csv, "DictWriter", DiskFull)
     with pytest.raises(OSError, match="No space"):
         ledger.publish("run2", "n2")
     assert not (out / "scores-n2.csv").exists()
@@ -471,14 +483,14 @@ def test_100k_rows_stream_through(tmp_path):
 # ------------------------------------------------------------------------------------------- lock
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from lung_models.ledger import scoring_lock
+    from lung_models.scoring.lock import scoring_lock
     with scoring_lock(sys.argv[1], timeout=10, label="flow-run holder"):
         print("locked", flush=True)
         time.sleep(120)
 """)
 TRY_LOCK = textwrap.dedent("""
     import sys
-    from lung_models.ledger import ScoringLockTimeout, scoring_lock
+    from lung_models.scoring.lock import ScoringLockTimeout, scoring_lock
     try:
         with scoring_lock(sys.argv[1], timeout=1, poll=0.1):
             print("acquired")
@@ -527,7 +539,7 @@ def test_lock_is_free_at_once_after_holder_is_killed(tmp_path):
 CONCURRENT_RUN = textwrap.dedent("""
     import sys, time
     from contextlib import nullcontext
-    from lung_models.ledger import Ledger, scoring_lock
+    from lung_models.scoring import Ledger, scoring_lock
     out, run, use_lock = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     items = [(f"scan_{i:03d}.png", f"sha{i}") for i in range(200)]
     with Ledger(out) as led, (scoring_lock(out, timeout=60, poll=0.05) if use_lock else nullcontext()):

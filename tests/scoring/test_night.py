@@ -25,8 +25,11 @@ from lung_models import registry, scoring
 from lung_models.bundle import load_bundle
 from lung_models.data import dicom, phantoms
 from lung_models.fileutil import sha256_file
+from lung_models.scoring import decode as decode_mod
+from lung_models.scoring import discovery as discover_mod
+from lung_models.scoring import pipeline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHI = ("Doe^Jane", "MRN12345", "19700101")
 HOUR_AGO = time.time() - 3600
 
@@ -92,7 +95,8 @@ def _age_everything(folder: Path, when: float = HOUR_AGO) -> None:
             os.utime(p, (when, when))
 
 
-# (relative path or series folder, expected status for its volume/image rows, words its error must contain)
+# (relative path or series folder, expected status of its rows, words its error must contain); for a series
+# whose slices do not stack into a volume, the status of the 3-D model's row (the 2-D models score the slices).
 def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
     """At least twenty kinds of bad input beside good ones; returns {item key: (status, a word of the reason)}."""
     rng = np.random.default_rng(3)
@@ -114,8 +118,8 @@ def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
         "good/slice.png": ("ok", ""), "good/tile.png": ("ok", ""), "good/tile.jpg": ("ok", ""),
         "good/scan.nii.gz": ("ok", ""), "good/series": ("ok", ""), "good/Upper.Nii.gz": ("ok", ""),
         "good/slice_with_ruler.png": ("ok", ""),
-        **{p.relative_to(root).as_posix(): ("ok", "") for p in good_series},
     }
+    assert good_series
     bad = root / "bad"
     bad.mkdir()
 
@@ -162,8 +166,7 @@ def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
             ds.Rows = ds.Columns = 48
             ds.save_as(files[3])
         expected[f"bad/{name}"] = ("rejected", fix)
-        for f in files:
-            expected[f.relative_to(root).as_posix()] = ("ok", "")
+        SLICES_STILL_SCORED.add(f"bad/{name}")
     # NIfTI volumes that are not 3-D CT.
     nan = vol.astype(np.float32)
     nan[10, 10, 5] = np.nan
@@ -201,14 +204,16 @@ def make_bad_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
     broken[-1].write_bytes(b"")
     expected["bad/series_empty_end"] = ("rejected", "cannot be read as DICOM")
     expected[broken[-1].relative_to(root).as_posix()] = ("rejected", "empty")
-    for f in broken[:-1]:
-        expected[f.relative_to(root).as_posix()] = ("ok", "")
     # A link out of the input folder.
     secret = outside / "elsewhere.png"
     _png(secret, good_slice)
     (bad / "link_out.png").symlink_to(secret)
     expected["bad/link_out.png"] = ("rejected", "outside the input folder")
     return expected
+
+
+# Series whose slices do not stack into a volume: rejected by the 3-D model, scored as slices by the 2-D ones.
+SLICES_STILL_SCORED: set[str] = set()
 
 
 def _series_uid(path: Path) -> str:
@@ -273,11 +278,15 @@ def test_every_bad_input_gets_a_row_naming_it_and_every_good_one_is_scored(corpu
     items = scoring.discover(corpus_run["folder"]).items
     keys = {(i.key, i.series_uid_hash) for i in items}
     assert {k for k, _ in keys} == set(expected) | {"arriving/slice.png"}
+    two_d = _models_for("ct_slice") - _models_for("histology_tile")
     for key, (status, word) in expected.items():
-        is_series = (corpus_run["folder"] / key).is_dir()
-        rows = df[(df.relative_path == key) & ((df.item_kind == "dicom_series") == is_series)]
+        rows = df[df.relative_path == key]
         kinds = {i.kind for i in items if i.key == key}
         assert len(rows) > 0 and set(rows.model) == set().union(*(_models_for(k) for k in kinds)), key
+        assert not rows.duplicated("model").any(), key  # one row per (scan, model)
+        if key in SLICES_STILL_SCORED:
+            assert set(rows[rows.model.isin(two_d)].status) == {"ok"}, key
+            rows = rows[~rows.model.isin(two_d)]
         assert set(rows.status) == {status}, (key, rows[["model", "status", "error"]].values)
         for _, row in rows.iterrows():
             if status == "ok":
@@ -354,14 +363,18 @@ def test_dicom_series_and_the_same_volume_as_nifti_score_the_same(factory, tmp_p
     flip[:2, 3] = np.array(volume.shape[:2]) - 1
     nib.save(nib.Nifti1Image(np.ascontiguousarray(volume[::-1, ::-1]), affine @ flip), str(folder / "lps.nii.gz"))
     assert nib.aff2axcodes(nib.load(str(folder / "lps.nii.gz")).affine) == ("L", "P", "S")
-    df = _run(factory, folder, tmp_path / "out", settle_seconds=0, models=["mosmed-3dcnn"])
-    assert set(df.status) == {"ok"} and len(df) == 3
-    series = df[df.item_kind == "dicom_series"].iloc[0]
-    assert series.relative_path == "patient/series" and len(series.series_uid_hash) == 16
-    for name in ("same.nii.gz", "lps.nii.gz"):
-        nifti = df[df.relative_path == name].iloc[0]
-        for c in ("normal", "abnormal"):
-            assert abs(float(series[f"prob_{c}"]) - float(nifti[f"prob_{c}"])) < 1e-6, name
+    df = _run(factory, folder, tmp_path / "out", settle_seconds=0, models=["mosmed-3dcnn", "chest-cnn"])
+    assert set(df.status) == {"ok"} and len(df) == 6  # one row per scan and model
+    for model, rows in df.groupby("model"):
+        series = rows[rows.item_kind == "dicom_series"].iloc[0]
+        assert series.relative_path == "patient/series" and len(series.series_uid_hash) == 16
+        assert int(series.n_inputs) == (1 if model == "mosmed-3dcnn" else len(files))
+        for name in ("same.nii.gz", "lps.nii.gz"):
+            nifti = rows[rows.relative_path == name].iloc[0]
+            assert nifti.n_inputs == series.n_inputs and nifti.max_slice == series.max_slice
+            for cell in ("probabilities", "max_probabilities"):
+                want, got = json.loads(series[cell]), json.loads(nifti[cell])
+                assert max(abs(want[c] - got[c]) for c in want) < 1e-6, (model, name, cell)
 
 
 def test_real_dicom_series_and_slices_are_scored(factory, tmp_path, shared_data):
@@ -374,11 +387,21 @@ def test_real_dicom_series_and_slices_are_scored(factory, tmp_path, shared_data)
     ok = df[df.status == "ok"]
     vol = ok[ok.model == "mosmed-3dcnn"].set_index("item_kind")
     assert set(vol.index) == {"dicom_series", "nifti"}
-    assert abs(float(vol.loc["dicom_series", "prob_abnormal"]) - float(vol.loc["nifti", "prob_abnormal"])) < 1e-6
-    slices = ok[ok.item_kind == "dicom"]
-    n_files = len(list((folder / "dicom").rglob("*.dcm")))
-    assert len(slices) == n_files * len(_models_for("ct_slice"))
-    # The two adjacent lungmask slices are a series too short to be a volume: rejected, said why.
+    probs = {kind: json.loads(vol.loc[kind, "probabilities"]) for kind in ("dicom_series", "nifti")}
+    assert abs(probs["dicom_series"]["abnormal"] - probs["nifti"]["abnormal"]) < 1e-6
+    # One row per scan and 2-D CT model (14): the ten lone TCGA slices, the two TCGA slices of one series, the
+    # 20-slice series, the 2-slice lungmask pair (series too short to be volumes, still slices) and the
+    # NIfTI's 20 axial slices.
+    scans = {i.key: len(i.files) for i in scoring.discover(folder).items}
+    scans["abdomen_as_nifti.nii.gz"] = 20
+    assert scans["dicom/abdomen-series"] == 20 and scans["dicom/lungmask"] == 2 and len(scans) == 14
+    for model in _models_for("ct_slice") - _models_for("histology_tile"):
+        rows = ok[ok.model == model].set_index("relative_path")
+        assert rows.n_inputs.astype(int).to_dict() == scans, model
+        series, nifti = (json.loads(rows.loc[k, "max_probabilities"]) for k in ("dicom/abdomen-series",
+                                                                                 "abdomen_as_nifti.nii.gz"))
+        assert max(abs(series[c] - nifti[c]) for c in series) < 1e-5, model
+    # The lungmask pair is rejected by the 3-D model, saying why.
     short = df[(df.relative_path == "dicom/lungmask") & (df.model == "mosmed-3dcnn")]
     assert len(short) == 1 and short.status.iloc[0] == "rejected" and "slices" in short.error.iloc[0]
 
@@ -386,7 +409,7 @@ def test_real_dicom_series_and_slices_are_scored(factory, tmp_path, shared_data)
 def test_discovery_skips_a_file_that_grows_while_it_is_hashed(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     path = _png(folder / "growing.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
-    real = scoring.sha256_file
+    real = discover_mod.sha256_file
 
     def hash_while_writing(p):
         digest = real(p)
@@ -394,10 +417,10 @@ def test_discovery_skips_a_file_that_grows_while_it_is_hashed(tmp_path, monkeypa
             f.write(b"more bytes")
         return digest
 
-    monkeypatch.setattr(scoring, "sha256_file", hash_while_writing)
+    monkeypatch.setattr(discover_mod, "sha256_file", hash_while_writing)
     found = scoring.discover(folder)
     assert found.items == [] and found.skipped[0][0] == "growing.png" and "being written" in found.skipped[0][1]
-    monkeypatch.setattr(scoring, "sha256_file", real)
+    monkeypatch.setattr(discover_mod, "sha256_file", real)
     assert [i.key for i in scoring.discover(folder).items] == [path.name]
 
 
@@ -425,11 +448,10 @@ def test_an_unreadable_file_is_an_error_row_and_its_neighbours_are_scored(factor
         # (retried next night), and the ledger takes both.
         os.chmod(locked, 0o644)  # (scoring itself runs as root here; the refusal was decided above)
         model = scoring.open_model(load_bundle(factory["bundles"]["chest-cnn"]))
-        rows = [r for batch in scoring.score_items(model, found.items, folder) for r in batch]
+        jobs = [pipeline.Job(i, [model]) for i in found.items]
+        rows = [r for batch in pipeline.score(jobs, folder) for r in batch]
         assert {(r["relative_path"], r["status"]) for r in rows} == {("readable.png", "ok"), ("locked.png", "error")}
-        from lung_models.ledger import Ledger
-
-        with Ledger(base / "out") as ledger:
+        with scoring.Ledger(base / "out") as ledger:
             assert ledger.record("run", rows) == 2
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -532,13 +554,14 @@ def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(fa
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     nights = _all_night_rows(out)
     cumulative = pd.read_csv(out / "scores-cumulative.csv", keep_default_na=False)
-    n_slices = len(files) - 1
-    want = 40 + n_slices + 1  # tiles (lc25000-cnn), slices (chest-cnn), the series (mosmed-3dcnn)
+    want = 40 + 1 + 1  # tiles (lc25000-cnn), the series as slices (chest-cnn) and as a volume (mosmed-3dcnn)
     for df in (nights, cumulative):
         assert len(df) == want and not df.duplicated(["relative_path", "model"]).any()
     assert len(list(out.glob("scores-2*.csv"))) == 2  # each run wrote its own (one of them header-only)
     series_row = cumulative[cumulative.model == "mosmed-3dcnn"].iloc[0]
     assert series_row.status == "rejected" and "missing" in series_row.error.lower()
+    slices_row = cumulative[(cumulative.model == "chest-cnn") & (cumulative.item_kind == "dicom_series")].iloc[0]
+    assert slices_row.status == "ok" and int(slices_row.n_inputs) == len(files) - 1
     uid = _series_uid(files[0])
     outputs = "\n".join(logs) + "".join(p.read_text() for p in out.glob("*.csv"))
     ledger_bytes = (out / "ledger.sqlite3").read_bytes().decode("latin-1")
@@ -554,27 +577,28 @@ def test_a_series_with_a_slice_still_arriving_is_not_assembled_until_it_is_compl
     os.utime(files[-1], None)  # the last slice landed just now
     out = tmp_path / "out"
     first = _run(factory, folder, out, settle_seconds=30, models=["mosmed-3dcnn", "chest-cnn"])
-    assert "mosmed-3dcnn" not in set(first.model)  # no volume from a series that is still arriving
-    assert len(first) == len(files) - 1 and set(first.status) == {"ok"}  # the settled slices are scored
+    assert len(first) == 0  # the scan is not complete: no model scores it, not even its settled slices
     _age_everything(folder)
     second = _run(factory, folder, out, settle_seconds=30, models=["mosmed-3dcnn", "chest-cnn"])
     assert sorted(second.model) == ["chest-cnn", "mosmed-3dcnn"] and set(second.status) == {"ok"}
+    assert list(second.n_inputs.astype(int)) == [len(files) if m == "chest-cnn" else 1 for m in second.model]
 
 
 def test_a_file_that_changes_while_it_is_decoded_is_skipped_not_rejected(factory, tmp_path, monkeypatch):
     folder = tmp_path / "in"
     path = _png(folder / "s.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
     items = scoring.discover(folder).items
-    real = scoring.read_rgb_image
+    real = decode_mod.read_rgb_image
 
     def cut_then_read(p):
         p.write_bytes(p.read_bytes()[:100])  # the transfer rewrites the file under us
         return real(p)
 
-    monkeypatch.setattr(scoring, "read_rgb_image", cut_then_read)
+    monkeypatch.setattr(decode_mod, "read_rgb_image", cut_then_read)
     model = scoring.open_model(load_bundle(factory["bundles"]["chest-cnn"]))
     skipped: list = []
-    rows = [r for batch in scoring.score_items(model, items, folder, skipped=skipped) for r in batch]
+    rows = [r for batch in pipeline.score([pipeline.Job(i, [model]) for i in items], folder, skipped=skipped)
+            for r in batch]
     assert rows == [] and skipped[0][0] == "s.png" and "changed" in skipped[0][1]
     assert path.stat().st_size == 100
 
@@ -612,15 +636,15 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
     real = dicom.group_series
     original = files[4].read_bytes()
 
-    def vanish_then_group(paths):
+    def vanish_then_group(paths, **kw):
         files[4].unlink()
-        return real(paths)
+        return real(paths, **kw)
 
-    monkeypatch.setattr(scoring.dicom, "group_series", vanish_then_group)
+    monkeypatch.setattr(discover_mod.dicom, "group_series", vanish_then_group)
     found = scoring.discover(folder)
     assert not [i for i in found.items if i.source == "dicom_series"]
     assert any("series" in rel and "IM000005.dcm cannot be read" in why for rel, why in found.skipped)
-    monkeypatch.setattr(scoring.dicom, "group_series", real)
+    monkeypatch.setattr(discover_mod.dicom, "group_series", real)
     # An extensionless link out of the folder might be one of its slices: the series waits, and says why.
     files[4].write_bytes(original)  # the vanished slice is back
     (tmp_path / "elsewhere").write_bytes(b"x")

@@ -1,0 +1,78 @@
+"""The scoring vocabulary: what an item is, the statuses of a result, and which items each modality takes.
+
+An *item* (a scan) is what one report row per model is about: an image file (a histology tile or a
+CT slice, PNG/JPEG/TIFF or a single DICOM slice), a NIfTI volume, or a DICOM series (the slices of
+one SeriesInstanceUID in one folder). A volume and a series are one scan for every model: the 3-D
+model scores the volume, the 2-D CT models score its axial slices and report one aggregated row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
+
+# Statuses of a row. ``ok`` and ``rejected`` are *done* (a rejected input would be rejected again);
+# ``error`` (the system's fault: permissions, the model, the runtime) is retried by the next run.
+OK, REJECTED, ERROR = "ok", "rejected", "error"
+STATUSES = frozenset({OK, REJECTED, ERROR})
+DONE_STATUSES = frozenset({OK, REJECTED})
+
+# Item sources: how an item is read.
+IMAGE, DICOM, NIFTI, DICOM_SERIES, REFUSED = "image", "dicom", "nifti", "dicom_series", "refused"
+# An image whose kind cannot be told (it does not even open) goes to every image model, so each
+# reports the problem on its row.
+UNKNOWN_IMAGE = "image"
+# Which kinds of item each modality scores. A volume is a stack of CT slices to the 2-D CT models.
+MODALITY_INPUTS = {HISTOLOGY_TILE: frozenset({HISTOLOGY_TILE, UNKNOWN_IMAGE}),
+                   CT_SLICE: frozenset({CT_SLICE, UNKNOWN_IMAGE, CT_VOLUME}),
+                   CT_VOLUME: frozenset({CT_VOLUME})}
+DEFAULT_SETTLE_SECONDS = 60.0
+
+
+def utc_now() -> str:
+    """The time stamp of rows, ledger entries and lock holders: UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class FileChanged(RuntimeError):
+    """A file changed between discovery and reading (still being written): skip it this run."""
+
+
+class BundleInputError(RuntimeError):
+    """The bundle cannot take this kind of input (an error of the model, not of the file)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # relative path of the file, or of the folder holding a DICOM series ("." for the input folder)
+    kind: str  # histology_tile | ct_slice | ct_volume | image (an image that does not open)
+    source: str  # image | nifti | dicom | dicom_series | refused
+    files: tuple[str, ...]  # relative paths of the files read to score it
+    sha256: str  # content hash: the file's, or for a series a hash over its slices' names and hashes
+    stats: tuple[tuple[int, ...], ...] = ()  # stat key of each file when it was hashed
+    series_uid_hash: str = ""
+    refusal: str = ""  # set when the item is refused without being read (symlink out of the folder...)
+    refusal_status: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Item:
+        return cls(**{**d, "files": tuple(d["files"]), "stats": tuple(tuple(s) for s in d["stats"])})
+
+
+@dataclass
+class Incoming:
+    items: list[Item] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
+    hashed: int = 0  # files read and hashed this run (the others came from the hash cache)
+    cached: int = 0  # files whose hash the cache held (same size, mtime, ctime and inode)
+
+
+def takes(modality: str, item: Item) -> bool:
+    """Whether a model of ``modality`` scores ``item``."""
+    return item.kind in MODALITY_INPUTS[modality]

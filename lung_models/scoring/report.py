@@ -1,0 +1,25 @@
+"""Writing the report CSVs: streamed from the ledger, atomically (readers never see a partial file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from lung_models.fileutil import atomic_writer
+from lung_models.scoring.rows import upgrade
+
+
+def write_csv(path: Path, header: list[str], rows: sqlite3.Cursor) -> Path:
+    """Write ``(run_id, row_json)`` pairs from ``rows`` as a CSV with ``header`` (temp file, fsync,
+    rename); rows stored by an older ledger are brought to today's columns first."""
+    with closing(rows), atomic_writer(path) as handle:  # closing: never leave a read open
+        writer = csv.DictWriter(handle, fieldnames=header, restval="", extrasaction="ignore")
+        writer.writeheader()
+        for run_id, row_json in rows:
+            row = upgrade(json.loads(row_json))
+            row["run_id"] = run_id
+            writer.writerow(row)
+    return path

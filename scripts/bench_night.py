@@ -1,0 +1,296 @@
+"""The nightly scorer at scale: a benchmark, not a CI test. Every figure below is measured in this one run,
+so the ratios compare like with like on a noisy machine. Needs exported bundles (``lung-factory demo``, or
+``lung-factory train --profile demo --epochs 1`` for bundles of the real sizes quickly).
+
+    .venv/bin/python scripts/bench_night.py                        # everything (about 15 minutes on 2 cores)
+    .venv/bin/python scripts/bench_night.py --only raw tf          # some sections: raw tf night flow rss
+
+Sections:
+  raw    ONNX Runtime throughput per model on in-memory batches (random inputs of the model's shape);
+  tf     the same model's best TensorFlow path (Keras predict, tf.function, tf.function with XLA) beside it;
+  night  end-to-end night throughput over a generated folder mixing slices, tiles, NIfTI volumes and DICOM
+         series, against the raw inference time those (scan, model) pairs need (goal: ratio >= 0.8);
+  flow   the Prefect flow against the bare scoring function (night.run_night) on 1,000 slices (goal <= 1.1x);
+  rss    peak resident memory of scoring 1,000 and 10,000 slices with one model, each in a fresh process
+         (goal: 10,000 <= 1.2x of 1,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+SECTIONS = ("raw", "tf", "night", "flow", "rss")
+
+
+def _bundles(exports: str):
+    from lung_models.bundle import latest_bundles
+
+    bundles = latest_bundles(exports)
+    if not bundles:
+        sys.exit(f"no bundles under {exports}: run `lung-factory demo` (or train) first")
+    return bundles
+
+
+def _input_shape(bundle) -> tuple[int, ...]:
+    params = bundle.preprocessing
+    if params["kind"] == "ct_volume":
+        return (*params["target_shape"], 1)
+    return (*params["size"], 3)
+
+
+def _rate(fn, n_items: int, min_seconds: float = 3.0, warmup: int = 1) -> float:
+    """Items per second of ``fn`` (which handles ``n_items``), repeated for at least ``min_seconds``."""
+    for _ in range(warmup):
+        fn()
+    runs, started = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and runs >= 3:
+            return runs * n_items / elapsed
+
+
+def _batch(bundle, size: int):
+    import numpy as np
+
+    from lung_models import preprocess
+
+    rng = np.random.default_rng(0)
+    shape = _input_shape(bundle)
+    if bundle.preprocessing["kind"] == "ct_volume":
+        return rng.random((size, *shape), dtype=np.float32)
+    return preprocess.batch_stage(rng.integers(0, 256, (size, *shape), dtype=np.uint8), bundle.preprocessing)
+
+
+def raw_rates(bundles, batch_size: int) -> dict[str, float]:
+    from lung_models.scoring.pipeline import VOLUME_BATCH
+    from lung_models.scoring.runtime import open_model, predict
+
+    rates = {}
+    for name, bundle in bundles.items():
+        size = min(batch_size, VOLUME_BATCH) if bundle.preprocessing["kind"] == "ct_volume" else batch_size
+        model, x = open_model(bundle), _batch(bundle, size)
+        rates[name] = _rate(lambda m=model, v=x: predict(m, v), size)
+        print(f"raw    {name:26s} ORT {model.provider:22s} batch {size}: {rates[name]:7.1f} inputs/s", flush=True)
+    return rates
+
+
+def tf_rates(bundles, batch_size: int, ort: dict[str, float]) -> None:
+    import keras
+    import tensorflow as tf
+
+    from lung_models.scoring.pipeline import VOLUME_BATCH
+
+    for name, bundle in bundles.items():
+        path = bundle.path / "model.keras"
+        if not path.is_file():
+            print(f"tf     {name:26s} no model.keras in the bundle: skipped")
+            continue
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as exc:  # noqa: BLE001 - a model that does not load here is reported, not fatal
+            print(f"tf     {name:26s} does not load in this process ({type(exc).__name__}): skipped")
+            continue
+        size = min(batch_size, VOLUME_BATCH) if bundle.preprocessing["kind"] == "ct_volume" else batch_size
+        found = _tf_paths(model, tf.constant(_batch(bundle, size)), size)
+        best = max(found, key=found.get)
+        print(f"tf     {name:26s} " + ", ".join(f"{k} {v:6.1f}" for k, v in found.items())
+              + f" inputs/s; ORT / best TF ({best}) = {ort[name] / found[best]:.2f}", flush=True)
+        del model
+        keras.backend.clear_session()
+
+
+def _tf_paths(model, x, size: int) -> dict[str, float]:
+    import tensorflow as tf
+
+    plain = tf.function(lambda v: model(v, training=False))
+    xla = tf.function(lambda v: model(v, training=False), jit_compile=True)
+    found = {"predict": _rate(lambda: model.predict(x, verbose=0), size),
+             "tf.function": _rate(lambda: plain(x).numpy(), size)}
+    try:
+        found["xla"] = _rate(lambda: xla(x).numpy(), size)
+    except Exception:  # noqa: BLE001 - XLA cannot compile every graph on every CPU
+        pass
+    return found
+
+
+def write_night_folder(folder: Path, seed: int = 0, n_slices: int = 40, n_tiles: int = 40, n_volumes: int = 3,
+                       n_series: int = 2) -> None:
+    from lung_models.data import phantoms
+
+    phantoms.write_incoming(folder, seed=seed, n_tiles=n_tiles, n_volumes=n_volumes, corrupt=False,
+                            tile_size=768, in_plane=256, slices=48, n_slices=n_slices, slice_size=512,
+                            n_dicom_series=n_series)
+
+
+def night(bundles, rates: dict[str, float], work: Path, workers: int | None) -> None:
+    from lung_models.scoring import discover
+    from lung_models.scoring import night as night_mod
+    from lung_models.scoring.items import takes
+
+    folder = work / "night-in"
+    if not folder.exists():
+        write_night_folder(folder)
+    items = discover(folder).items
+    # The raw inference time these (scan, model) pairs need: the scan's inputs (its slices for a 2-D CT
+    # model, one volume for the 3-D one) at the model's raw rate.
+    needed, pairs = 0.0, 0
+    for bundle in bundles.values():
+        for item in items:
+            if takes(bundle.modality, item):
+                pairs += 1
+                needed += _n_inputs(item, folder, bundle) / rates[bundle.name]
+    out = work / f"night-out-{time.time_ns()}"
+    started = time.perf_counter()
+    csv = night_mod.run_night(folder, out, exports_dir=_exports(bundles), workers=workers)
+    seconds = time.perf_counter() - started
+    import pandas as pd
+
+    df = pd.read_csv(csv, keep_default_na=False)
+    assert len(df) == pairs and set(df.status) == {"ok"}, df[df.status != "ok"][["relative_path", "error"]]
+    print(f"night  {len(items)} scans ({pairs} scan-model rows) in {seconds:.1f} s end to end; raw inference "
+          f"alone needs {needed:.1f} s: ratio {needed / seconds:.2f} (goal >= 0.8)", flush=True)
+
+
+def _n_inputs(item, folder: Path, bundle) -> int:
+    if bundle.preprocessing["kind"] == "ct_volume" or item.kind != "ct_volume":
+        return 1
+    if item.source == "dicom_series":
+        return len(item.files)
+    import nibabel as nib
+
+    return int(nib.load(str(folder / item.key)).shape[2])
+
+
+def _exports(bundles) -> str:
+    return str(next(iter(bundles.values())).path.parent.parent)
+
+
+def write_slices(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` 256-pixel PNG CT slices: 64 distinct phantom slices, each copy with a few pixels changed so
+    every file has its own content hash, 1,000 a sub-folder."""
+    import numpy as np
+    from PIL import Image
+
+    from lung_models.data.phantoms import CHEST_CLASSES, ct_slice
+
+    rng = np.random.default_rng(seed)
+    bases = [ct_slice(CHEST_CLASSES[i % 4], np.random.default_rng([seed, i]), size=256) for i in range(64)]
+    for i in range(n):
+        img = bases[i % len(bases)].copy()
+        ys, xs = rng.integers(0, 256, 8), rng.integers(0, 256, 8)
+        img[ys, xs] = rng.integers(0, 256, 8, dtype=np.uint8)
+        sub = folder / f"day{i // 1000:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+        (sub / f"slice_{i:06d}.png").write_bytes(buf.getvalue())
+
+
+def _child(mode: str, folder: Path, out: Path, exports: str, model: str, workers: int | None) -> dict:
+    """Score ``folder`` in a fresh process (``mode`` flow or bare); its wall time, rows and peak RSS."""
+    env = {**os.environ, "PREFECT_HOME": str(out) + "-prefect", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    args = [sys.executable, __file__, "--child", mode, "--input", str(folder), "--output", str(out),
+            "--exports", exports, "--model", model] + (["--workers", str(workers)] if workers else [])
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"scoring {folder} ({mode}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def child(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    started = time.perf_counter()
+    if args.child == "flow":
+        from flows.score import score_folder
+
+        csv = score_folder(input_dir=args.input, output_dir=args.output, models=[args.model],
+                           exports_dir=args.exports, settle_seconds=0, workers=args.workers)
+    else:
+        from lung_models.scoring.night import run_night
+
+        csv = run_night(args.input, args.output, args.exports, [args.model], workers=args.workers)
+    seconds = time.perf_counter() - started
+    rows = len(pd.read_csv(csv))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print("RESULT " + json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": peak_mib}), flush=True)
+
+
+def flow_vs_bare(work: Path, exports: str, model: str, workers: int | None) -> None:
+    folder = work / "slices-1000"
+    if not folder.exists():
+        write_slices(folder, 1000)
+    bare = _child("bare", folder, work / f"bare-{time.time_ns()}", exports, model, workers)
+    flow = _child("flow", folder, work / f"flow-{time.time_ns()}", exports, model, workers)
+    assert bare["rows"] == flow["rows"] == 1000
+    print(f"flow   1,000 slices with {model}: bare function {bare['seconds']:.1f} s, Prefect flow "
+          f"{flow['seconds']:.1f} s (with its temporary server): ratio {flow['seconds'] / bare['seconds']:.2f} "
+          "(goal <= 1.1)", flush=True)
+
+
+def rss(work: Path, exports: str, model: str, workers: int | None, sizes: list[int]) -> None:
+    results = {}
+    for n in sizes:
+        folder = work / f"slices-{n}"
+        if not folder.exists():
+            write_slices(folder, n)
+        r = _child("bare", folder, work / f"rss-{n}-{time.time_ns()}", exports, model, workers)
+        assert r["rows"] == n, r
+        results[n] = r
+        print(f"rss    {n:6d} slices with {model}: peak RSS {r['peak_rss_mib']:6.0f} MiB, {r['seconds']:6.1f} s, "
+              f"{n / r['seconds']:6.1f} files/s", flush=True)
+    small, large = min(results), max(results)
+    if small != large:
+        ratio = results[large]["peak_rss_mib"] / results[small]["peak_rss_mib"]
+        print(f"rss    ratio {large}/{small} files: peak RSS x{ratio:.2f} (goal <= 1.2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--exports", default=str(REPO / "exports"))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the scorer's)")
+    parser.add_argument("--model", default="chest-cnn", help="the model of the flow and rss sections")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--child", choices=("flow", "bare"), help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-night-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bundles = _bundles(args.exports)
+    print(f"bundles: {', '.join(f'{n} {b.version}' for n, b in bundles.items())}; scratch: {work}", flush=True)
+    rates = raw_rates(bundles, args.batch_size) if {"raw", "tf", "night"} & set(args.only) else {}
+    if "tf" in args.only:
+        tf_rates(bundles, args.batch_size, rates)
+    if "night" in args.only:
+        night(bundles, rates, work, args.workers)
+    if "flow" in args.only:
+        flow_vs_bare(work, args.exports, args.model, args.workers)
+    if "rss" in args.only:
+        rss(work, args.exports, args.model, args.workers, sorted(args.sizes))
+
+
+if __name__ == "__main__":
+    main()
