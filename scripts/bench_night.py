@@ -35,10 +35,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 SECTIONS = ("raw", "tf", "night", "flow", "rss")
 
 
-def _bundles(exports: str):
+def _bundles(exports: str, names: list[str] | None = None):
     from lung_models.bundle import latest_bundles
 
-    bundles = latest_bundles(exports)
+    bundles = latest_bundles(exports, names)
     if not bundles:
         sys.exit(f"no bundles under {exports}: run `lung-factory demo` (or train) first")
     return bundles
@@ -268,6 +268,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the scorer's)")
     parser.add_argument("--model", default="chest-cnn", help="the model of the flow and rss sections")
+    parser.add_argument("--models", nargs="+", default=None, help="the bundles of the raw, tf and night sections "
+                        "(default: every bundle)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--child", choices=("flow", "bare"), help=argparse.SUPPRESS)
@@ -279,7 +281,7 @@ def main() -> None:
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-night-"))
     work.mkdir(parents=True, exist_ok=True)
-    bundles = _bundles(args.exports)
+    bundles = _bundles(args.exports, args.models)
     print(f"bundles: {', '.join(f'{n} {b.version}' for n, b in bundles.items())}; scratch: {work}", flush=True)
     rates = raw_rates(bundles, args.batch_size) if {"raw", "tf", "night"} & set(args.only) else {}
     if "tf" in args.only:
