@@ -54,13 +54,15 @@ class ModelBundle:
     def preprocessing(self) -> dict[str, Any]:
         return self.card["preprocessing"]
 
-    def verify(self) -> str:
-        """Check the ONNX file against the sha256 recorded at export; return the hash."""
-        expected = self.card["onnx_sha256"]
-        actual = sha256_file(self.onnx_path)
+    def verify(self, path: Path | None = None, expected: str | None = None) -> str:
+        """Check an ONNX file of the bundle (default: the fp32 graph) against the sha256 recorded at
+        export; return the hash."""
+        path = path or self.onnx_path
+        expected = expected or self.card["onnx_sha256"]
+        actual = sha256_file(path)
         if actual != expected:
             raise BundleError(
-                f"{self.onnx_path}: sha256 {actual} does not match {expected} recorded in {self.path / CARD}; "
+                f"{path}: sha256 {actual} does not match {expected} recorded in {self.path / CARD}; "
                 "the file was changed after export: re-export the model or restore the file")
         return actual
 

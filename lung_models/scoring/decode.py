@@ -23,7 +23,7 @@ import numpy as np
 from lung_models import preprocess
 from lung_models.data import dicom
 from lung_models.data.readers import InputError, check_ct_intensities, read_nifti_hu, read_rgb_image
-from lung_models.scoring.discovery import _stat_key
+from lung_models.scoring.discovery import stat_key
 from lung_models.scoring.items import DICOM, DICOM_SERIES, IMAGE, NIFTI, BundleInputError, FileChanged, Item
 
 
@@ -39,19 +39,13 @@ class Decoded:
     volume_hu: np.ndarray | None = None  # float32 HU (x, y, z), RAS
     volume_error: Exception | None = None
     prepared: dict[tuple, np.ndarray] = field(default_factory=dict)  # by preprocessing signature
-    n_decodes: int = 1
-
-    @property
-    def nbytes(self) -> int:
-        arrays = [self.image, self.volume_hu, *(self.slices_hu or []), *self.prepared.values()]
-        return sum(a.nbytes for a in arrays if a is not None)
 
 
 def check_unchanged(item: Item, root: Path) -> None:
     """Raise FileChanged unless every file of ``item`` still has the stat key it was hashed with."""
     for rel, then in zip(item.files, item.stats):
         try:
-            now = _stat_key((root / rel).stat())
+            now = stat_key((root / rel).stat())
         except OSError:
             now = None
         if now != tuple(then):

@@ -59,7 +59,7 @@ class HashCache(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ discovery
-def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+def stat_key(st: os.stat_result) -> tuple[int, ...]:
     """What must stay the same between hashing and decoding: size, mtime, ctime and inode (a file
     replaced by a rename has a new inode even with the same size and mtime)."""
     return (int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino))
@@ -187,7 +187,7 @@ def _discover_file(walk: _Walk, path: Path) -> None:
             walk.refuse(rel, _kind_by_name(by_name), _link_sha(path, "special file"), REJECTED,
                         f"{name}: not a regular file (a pipe, socket or device), refused; deliver scans as files")
         return
-    key = _stat_key(before)
+    key = stat_key(before)
     facts = walk.cache.lookup(rel, key) if walk.cache is not None and not undecodable else None
     try:  # a cached file is known to be DICOM or not: its preamble is not read again
         is_dcm = facts["source"] == DICOM if facts else by_name is None and dicom.is_dicom_file(path)
@@ -220,7 +220,7 @@ def _discover_file(walk: _Walk, path: Path) -> None:
                                               "give the scoring user read access to it")
             return
         try:
-            changed = _stat_key(path.stat()) != key
+            changed = stat_key(path.stat()) != key
         except OSError:
             changed = True
         if changed:

@@ -16,7 +16,7 @@ from lung_models.bundle import ModelBundle, latest_bundles
 from lung_models.fileutil import utc_stamp
 from lung_models.scoring import pipeline
 from lung_models.scoring.discovery import discover
-from lung_models.scoring.items import ERROR, Incoming, Item, takes
+from lung_models.scoring.items import ERROR, Incoming, takes
 from lung_models.scoring.ledger import Ledger
 from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT, scoring_lock
 from lung_models.scoring.rows import result_row
@@ -146,6 +146,3 @@ def run_night(input_dir: str | Path, output_dir: str | Path, exports_dir: str | 
                        batch_size=batch_size, workers=workers, precision=precision)
         return publish(output_dir, run_id, stamp)[0]
 
-
-def items_for(bundle: ModelBundle, items: list[Item]) -> list[Item]:
-    return [i for i in items if takes(bundle.modality, i)]

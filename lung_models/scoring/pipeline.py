@@ -12,7 +12,6 @@ at most one batch beyond the last item added.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -29,7 +28,7 @@ from lung_models.data.readers import InputError, error_detail
 from lung_models.scoring import decode as decoding
 from lung_models.scoring.items import ERROR, OK, REJECTED, BundleInputError, FileChanged, Item
 from lung_models.scoring.rows import prediction, result_row
-from lung_models.scoring.runtime import LoadedModel, predict
+from lung_models.scoring.runtime import LoadedModel, cpu_cores, predict
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,8 @@ VOLUME_BATCH = 2  # a batch of 3-D volumes costs gigabytes of activations: keep 
 
 
 def default_workers() -> int:
-    """Decoding threads: half the cores (at least one); inference takes the rest."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
+    """Decoding threads: half the cores (at least one)."""
+    return max(1, cpu_cores() // 2)
 
 
 @dataclass

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lung_models.bundle import CARD, BundleError, ModelBundle
+from lung_models.bundle import BundleError, ModelBundle
 from lung_models.device import onnx_providers
-from lung_models.fileutil import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +24,9 @@ FP32, INT8, AUTO = "fp32", "int8", "auto"
 PRECISIONS = (FP32, INT8, AUTO)
 
 
-def default_threads() -> int:
-    """Intra-op threads for inference: every core this process may use. Decoding runs in worker
-    threads beside it, but on this workload they mostly wait on I/O and native decoders, and
-    measured on 2 cores inference with both cores beats inference with one (scripts/bench_night.py)."""
+def cpu_cores() -> int:
+    """The cores this process may use. Inference takes them all (intra-op threads): the decoding
+    threads beside it spend most of their time in native decoders that release the GIL."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -44,7 +42,7 @@ def session_options(intra_op_threads: int | None = None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = intra_op_threads or default_threads()
+    options.intra_op_num_threads = intra_op_threads or cpu_cores()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
@@ -95,10 +93,7 @@ def choose_graph(bundle: ModelBundle, precision: str = FP32) -> tuple[Path, str,
 def open_model(bundle: ModelBundle, precision: str = FP32, intra_op_threads: int | None = None) -> LoadedModel:
     """Verify the chosen ONNX file against the bundle, open a session, note the provider that runs."""
     path, expected, chosen = choose_graph(bundle, precision)
-    actual = sha256_file(path)
-    if actual != expected:
-        raise BundleError(f"{path}: sha256 {actual} does not match {expected} recorded in {bundle.path / CARD}; "
-                          "the file was changed after export: re-export the model or restore the file")
+    actual = bundle.verify(path, expected)
     session = open_session(path, intra_op_threads=intra_op_threads)
     providers = session.get_providers()
     log.info("%s %s (%s) runs on ONNX Runtime with %s", bundle.name, bundle.version, chosen, ", ".join(providers))
