@@ -31,14 +31,46 @@ def utc_stamp() -> str:
 
 
 def report_text(text: str) -> str:
-    """``text`` as UTF-8 (SQLite, a CSV) can hold it: the bytes of a name that is not valid UTF-8,
-    which Python holds as surrogates, become ``\\xNN`` escapes; anything else is unchanged."""
-    if text.isascii():  # nearly every text: nothing to escape
+    """A file or folder name as reports and the ledger show it: UTF-8, unique per name.
+
+    The bytes of a name that is not valid UTF-8 (Python holds them as surrogates) become ``\\xNN``
+    escapes; so that no real name can collide with an escaped one (a file literally named
+    ``slice_\\xe9.png`` beside one whose name holds the byte 0xE9), a backslash in a name is
+    doubled first. Every other name is unchanged."""
+    if text.isascii() and "\\" not in text:  # nearly every name: nothing to escape
+        return text
+    return utf8_text(text.replace("\\", "\\\\"))
+
+
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 (SQLite, a CSV) can hold it: surrogates (bytes of a name that is not valid
+    UTF-8) become ``\\xNN`` escapes; anything else, backslashes included, is unchanged."""
+    if text.isascii():
         return text
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that stands for no byte
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_undecodable(name: str) -> bool:
+    """Whether a name (as os.listdir gives it) holds bytes that are not valid UTF-8."""
+    return not name.isascii() and any("\udc80" <= ch <= "\udcff" for ch in name)
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Put in front of such a cell (and of one that already starts with it, so the escape is reversible).
+CSV_ESCAPE = "'"
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell made safe to open in a spreadsheet: a leading ``= + - @``, tab or CR (and a leading
+    ``'``) gets a ``'`` in front, which spreadsheets show as text; dropping one leading ``'`` gives the
+    true text back. Anything that is not a ``str`` is unchanged."""
+    if isinstance(value, str) and value.startswith((*_FORMULA_START, CSV_ESCAPE)):
+        return CSV_ESCAPE + value
+    return value
 
 
 def sha256_bytes(data: bytes) -> str:

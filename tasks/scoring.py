@@ -47,10 +47,14 @@ def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, sc
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {c['model']} | {c['version']} | {c['provider']} {c['precision']} | {c['ok']} | {c['rejected']} | "
               f"{c['error']} | {c['already_scored']} |" for c in counts]
-    if skipped_all:
-        lines += ["", "Skipped this run (scored by a later one):", ""]
-        lines += [f"- `{rel}`: {why}" for rel, why in skipped_all[:100]]
+    if skipped_all:  # every entry discovery or decoding passed over without a row, with the reason
+        lines += ["", f"Not scored this run, no row ({len(skipped_all)}; each reason says whether a later run "
+                      "scores it or what to fix):", ""]
+        lines += [f"- `{rel.replace('`', chr(39))}`: {why}" for rel, why in skipped_all[:200]]
+        if len(skipped_all) > 200:
+            lines.append(f"- ... and {len(skipped_all) - 200} more (the flow run's log lists every one)")
     create_markdown_artifact(key="nightly-scoring-report", markdown="\n".join(lines),
                              description=f"scores written to {night_csv}")
-    say(f"report: {night_csv} (cumulative: {cumulative}); {len(skipped_all)} items skipped for a later run")
+    say(f"report: {night_csv} (cumulative: {cumulative}); {len(skipped_all)} entries not scored this run "
+        "(listed in the nightly-scoring-report artifact)")
     return {"night": str(night_csv), "cumulative": str(cumulative)}

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -61,6 +62,7 @@ MIN_SLICE_SIZE = 32  # a smaller image is an icon or a localiser fragment, not a
 MAX_SLICE_SIDE = 4096
 BITS_ALLOCATED = (8, 16, 32)  # what a CT slice is stored in (32: float or 32-bit integer pixel data)
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines: unit length, perpendicular, equal between slices
+PIXEL_SPACING_TOLERANCE = 1e-3  # relative: slices of one series share one in-plane grid
 SAME_POSITION_MM = 0.01  # two slices closer than this along the normal are at the same position
 GAP_TOLERANCE = 0.10  # relative agreement of each slice gap with the median gap ...
 GAP_TOLERANCE_MM = 0.10  # ... or this absolute agreement, whichever is larger
@@ -172,6 +174,9 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset:
                 ds = _read_without_preamble(path, pixels=pixels)
         except (_Problem, MemoryError):
             raise
+        except RecursionError:  # pydicom parses nested sequences recursively
+            raise _Problem("sequences nested too deeply to parse (thousands of levels; no scanner or PACS writes "
+                           "that)", "re-export the slice from the scanner or PACS") from None
         except OSError as exc:
             if exc.errno is not None:
                 raise  # permissions or I/O: the caller reports an error and retries later
@@ -276,8 +281,21 @@ def read_header(path: Path) -> DicomHeader:
 # ---------------------------------------------------------------------------------------------------
 
 
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1: digits and dots, at most 64
+_CODE_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # a Code String (CS): Modality, PhotometricInterpretation
+
+
 def _syntax_name(uid: UID) -> str:
-    return f"'{uid.name}' ({uid})" if uid.name != str(uid) else f"{uid} (unknown)"
+    """A transfer syntax for a message: its name and UID when pydicom knows it, the UID when it is a
+    well-formed unknown one; anything else from the header is not quoted (reports copy no free text)."""
+    if uid.name != str(uid):
+        return f"'{uid.name}' ({uid})"
+    return f"{uid} (unknown)" if len(uid) <= 64 and _UID_RE.match(str(uid)) else "(a malformed UID, not shown)"
+
+
+def _code(value: str) -> str:
+    """A Code String value for a message, quoted only when it is a valid one."""
+    return repr(value) if _CODE_RE.match(value) else "(an invalid code, not shown)"
 
 
 def _check_side(rows: int | None, columns: int | None, bits: str = "") -> None:
@@ -294,7 +312,7 @@ def _check_image_header(ds: Dataset) -> None:
     """Refuse from the header what cannot be a single CT slice, before spending time (and memory) on decoding."""
     modality = _text(ds, "Modality").upper()
     if modality and modality != "CT":
-        raise _Problem(f"modality {modality[:16]!r} is not CT",
+        raise _Problem(f"modality {_code(modality)} is not CT",
                        "only CT is scored here; send the CT series (not the MR/PET/X-ray or report object)")
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise _Problem("no pixel data (the PixelData element is absent): a header-only object or a truncated file",
@@ -305,7 +323,7 @@ def _check_image_header(ds: Dataset) -> None:
                        "export the series as single-frame CT slices (one file per slice)")
     samples = _int(ds, "SamplesPerPixel") or 1
     if samples != 1:
-        raise _Problem(f"colour image ({samples} samples per pixel, {_text(ds, 'PhotometricInterpretation')[:16]})",
+        raise _Problem(f"colour image ({samples} samples per pixel, {_code(_text(ds, 'PhotometricInterpretation'))})",
                        "send the original greyscale CT slice, not a screenshot or secondary capture")
     bits = _int(ds, "BitsAllocated")
     if bits not in BITS_ALLOCATED:
@@ -589,6 +607,21 @@ def _check_sizes(headers: Sequence[DicomHeader]) -> tuple[int, int]:
     return size
 
 
+def _check_pixel_spacing(headers: Sequence[DicomHeader]) -> None:
+    """Every slice must have the first one's PixelSpacing: the volume is built with one in-plane grid,
+    so a slice of another spacing (another reconstruction, a mixed-in localiser) would be stretched."""
+    first = headers[0]
+    ref = np.asarray(first.pixel_spacing, dtype=np.float64)
+    limit = PIXEL_SPACING_TOLERANCE * ref.max()
+    other = [h for h in headers if np.abs(np.asarray(h.pixel_spacing) - ref).max() > limit]
+    if other:
+        odd = other[0]
+        raise _Problem(f"mixed pixel spacing: {odd.path.name} has PixelSpacing {_fmt(odd.pixel_spacing or ())} "
+                       f"mm but {first.path.name} has {_fmt(ref)} mm ({len(other)} slice(s) differ)",
+                       "keep only the slices of one series in the folder (another reconstruction or a localiser "
+                       "is mixed in), or re-export the series with one pixel spacing")
+
+
 def _check_positions(headers: Sequence[DicomHeader], normal: np.ndarray) -> tuple[tuple[int, ...], float]:
     """Slice order along the normal and the mean gap, after refusing duplicates, holes and uneven spacing."""
     positions = np.asarray([h.position for h in headers], dtype=np.float64)
@@ -640,6 +673,7 @@ def _check_geometry(headers: Sequence[DicomHeader]) -> _Geometry:
     _check_attributes(headers)
     row, col = _check_orientation(headers)
     rows, columns = _check_sizes(headers)
+    _check_pixel_spacing(headers)
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
     spacing_between_rows, spacing_between_columns = headers[0].pixel_spacing or (1.0, 1.0)

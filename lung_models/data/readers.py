@@ -11,19 +11,42 @@ from pathlib import Path
 
 import numpy as np
 
+from lung_models.fileutil import report_text
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
+# The image formats each suffix may hold. PNG and JPEG are accepted under every image suffix, because
+# export tools mix them up (4 of the 685 real Kaggle chest CT slices in ../shared/data are JPEGs named
+# .png); no other Pillow plugin is ever tried, so an EPS, PDF or ICO named .png is refused from its
+# first bytes (Pillow's EPS plugin would otherwise run Ghostscript on it).
+_COMMON_FORMATS = ("PNG", "JPEG")  # (Pillow's JPEG opener also opens a camera's multi-picture JPEG, MPO)
+IMAGE_FORMATS = {".png": _COMMON_FORMATS, ".jpg": _COMMON_FORMATS, ".jpeg": _COMMON_FORMATS,
+                 ".tif": ("TIFF", *_COMMON_FORMATS), ".tiff": ("TIFF", *_COMMON_FORMATS),
+                 ".bmp": ("BMP", *_COMMON_FORMATS)}
+# Pixel limits, checked from the header before anything is decoded (a 15 KB JPEG may claim
+# 12000x12000 pixels, 432 MB decoded and several GB in the decoder): a CT slice is at most
+# 4096x4096 (DICOM's largest CT matrices are 2048; exports may upsample once), a histology tile at
+# most 8192x8192 (LC25000 tiles are 768x768; whole-slide images must be tiled first). An image whose
+# kind is not yet known gets the larger limit. Decoding one is then bounded by about 4 bytes a pixel.
+MAX_SLICE_PIXELS = 4096 * 4096
+MAX_TILE_PIXELS = 8192 * 8192
 
-# A volume larger than this (in voxels) is refused from its header, before any allocation.
+# A volume larger than this (in voxels, or in decompressed bytes) is refused from its header, before
+# any allocation: 512x512x1024 int16 is the largest chest CT expected (0.3 mm slices over 30 cm).
 MAX_VOLUME_VOXELS = 1024 * 1024 * 1024 // 4  # 256 Mi voxels = 1 GiB as float32
+MAX_VOLUME_BYTES = 512 * 1024 * 1024
 # Changes whenever the readers turn the same file into a different array (training caches key on it):
-# 2 = NIfTI volumes reoriented to closest-canonical RAS; 3 = 16-bit/float and multi-frame images refused.
-READER_VERSION = 3
+# 2 = NIfTI volumes reoriented to closest-canonical RAS; 3 = 16-bit/float and multi-frame images refused;
+# 4 = 16-bit-per-channel colour images refused too.
+READER_VERSION = 4
 # Smaller than this on either side cannot be a CT slice or a histology tile (icons, thumbnails).
 MIN_IMAGE_SIDE = 32
-# Every chest CT has air (about -1000 HU) in it; a volume whose darkest voxel is above this is not
-# in Hounsfield units (MR, PET, an 8-bit export or a scaled copy).
+# Every chest CT has air (about -1000 HU) and soft tissue or blood (above 0 HU) in it; a scan whose
+# darkest value is above CT_MAX_DARKEST_HU, or whose brightest is below CT_MIN_BRIGHTEST_HU or above
+# CT_MAX_BRIGHTEST_HU, is not in Hounsfield units (MR, PET, an 8-bit export, a wrong rescale slope
+# or intercept). On ../shared/data every real slice and volume spans at most -1019 .. at least +894.
 CT_MAX_DARKEST_HU = -500.0
+CT_MIN_BRIGHTEST_HU = 0.0
 CT_MAX_BRIGHTEST_HU = 40000.0
 
 
@@ -32,7 +55,7 @@ class InputError(ValueError):
 
     def __init__(self, path: str | Path, problem: str, fix: str) -> None:
         self.path = str(path)
-        super().__init__(f"{Path(path).name}: {problem}; {fix}")
+        super().__init__(f"{report_text(Path(path).name)}: {problem}; {fix}")
 
 
 def file_kind(path: Path) -> str | None:
@@ -45,36 +68,71 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
-def read_rgb_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 RGB (H, W, 3); grayscale and RGBA are converted."""
+def open_image(path: Path):
+    """``Image.open`` restricted to the formats ``path``'s suffix may hold (see IMAGE_FORMATS); the
+    header is parsed, no pixel is decoded."""
+    from PIL import Image
+
+    return Image.open(path, formats=IMAGE_FORMATS.get(Path(path).suffix.lower(), _COMMON_FORMATS))
+
+
+def bits_per_sample(img) -> int:
+    """Bits per colour sample as stored. Pillow reads a 48-bit RGB or 16-bit grey+alpha PNG, or a
+    16-bit RGB TIFF, as 8-bit RGB(A), keeping only the high byte of each sample: the mode alone hides it."""
+    if img.format == "PNG" and img.tile:
+        rawmode = img.tile[0][3]
+        rawmode = rawmode if isinstance(rawmode, str) else rawmode[0]
+        return 16 if ";16" in str(rawmode) else 8
+    if img.format == "TIFF":
+        bits = getattr(img, "tag_v2", {}).get(258, 8)  # BitsPerSample, one per channel
+        return int(max(bits)) if isinstance(bits, tuple) else int(bits)
+    return 32 if img.mode.startswith(("I", "F")) else 8
+
+
+def read_rgb_image(path: str | Path, max_pixels: int = MAX_TILE_PIXELS) -> np.ndarray:
+    """Decode an image file to uint8 RGB (H, W, 3); 8-bit grayscale and RGBA are converted. Refused
+    before decoding: formats the suffix does not name, more than ``max_pixels`` pixels, more than 8
+    bits a sample, several frames."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if path.stat().st_size == 0:
         raise InputError(path, "empty file (0 bytes)", "re-export or re-transfer the image")
     try:
-        with Image.open(path) as img:
-            img.load()
+        with open_image(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                side = int(max_pixels ** 0.5)
+                raise InputError(path, f"image of {width}x{height} pixels is larger than the {side}x{side} this kind "
+                                 "of scan can be (refused before decoding: it could exhaust the memory)",
+                                 f"crop or downsample it to at most {side}x{side} (tile a whole-slide image) "
+                                 "before scoring")
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 raise InputError(path, f"image holds {frames} frames (a multi-page TIFF or animated PNG); only "
                                  "one would be scored", "send one slice or tile per file")
-            if img.mode.startswith(("I", "F")):
+            bits = bits_per_sample(img)
+            if img.mode.startswith(("I", "F")) or bits > 8:
                 # 16-bit or float grey levels are raw values (stored pixels, HU, HU + 1024...), not the
-                # 8-bit display-windowed export the models learnt from; stretching them to 0-255 gives
-                # a contrast the model never saw, and a wrong score marked ok.
-                raise InputError(path, f"{img.mode} greyscale image ({'float' if img.mode == 'F' else '16/32-bit'} "
-                                 "values), not an 8-bit export", "send the slice as DICOM (it is then windowed "
-                                 "as in training) or as an 8-bit PNG/JPEG exported with a display window")
+                # 8-bit display-windowed export the models learnt from; stretching them to 0-255, or
+                # keeping their high byte as Pillow does for 16-bit colour, gives a contrast the model
+                # never saw, and a wrong score marked ok.
+                what = (f"{img.mode} greyscale image ({'float' if img.mode == 'F' else '16/32-bit'} values)"
+                        if img.mode.startswith(("I", "F")) else f"{bits}-bit-per-channel colour image")
+                raise InputError(path, f"{what}, not an 8-bit export",
+                                 "send the slice as DICOM (it is then windowed as in training) or as an 8-bit "
+                                 "PNG/JPEG exported with a display window")
             if min(img.size) < MIN_IMAGE_SIDE:
                 raise InputError(path, f"image of {img.size[0]}x{img.size[1]} pixels is too small to be a scan or "
                                  f"a tile (under {MIN_IMAGE_SIDE} pixels a side)", "send the full-resolution image")
+            img.load()
             return np.asarray(img.convert("RGB"))
     except InputError:
         raise
     except UnidentifiedImageError:
-        raise InputError(path, "not a readable image (unknown or corrupt format)",
-                         "check the file is a PNG/JPEG/TIFF and re-transfer it") from None
+        allowed = "/".join(IMAGE_FORMATS.get(path.suffix.lower(), _COMMON_FORMATS))
+        raise InputError(path, f"not a readable {allowed} image (corrupt, or another format under an image's name)",
+                         "check the file is a PNG/JPEG/TIFF named for its format and re-transfer it") from None
     except Image.DecompressionBombError as exc:
         raise InputError(path, f"image too large to be a scan or tile ({error_detail(exc, path)})",
                          "crop or downsample it before scoring") from None
@@ -118,10 +176,23 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     if len(shape) != 3:
         raise InputError(path, f"{len(shape)}-D image {shape}, expected a 3-D CT volume (x, y, z)",
                          "pass one 3-D volume per file")
+    try:
+        dtype = np.dtype(img.get_data_dtype())
+    except Exception as exc:  # noqa: BLE001 - an unknown datatype code
+        raise InputError(path, f"unknown voxel data type in the header ({error_detail(exc, path)})",
+                         "re-export the volume as int16 or float32 HU") from None
+    if dtype.kind not in "iuf":
+        what = "complex numbers" if dtype.kind == "c" else "not plain numbers (e.g. RGB or boolean voxels)"
+        raise InputError(path, f"voxels of type {dtype.name}: {what}, not CT values",
+                         "send the CT volume in real Hounsfield units (int16 or float32), not a complex, "
+                         "colour or mask image")
     voxels = int(np.prod(shape, dtype=np.int64))
-    if voxels > MAX_VOLUME_VOXELS:
-        raise InputError(path, f"volume of {shape} voxels is too large to be a CT scan",
-                         "check the header, or crop/resample the volume before scoring")
+    nbytes = voxels * dtype.itemsize
+    if voxels > MAX_VOLUME_VOXELS or nbytes > MAX_VOLUME_BYTES:
+        raise InputError(path, f"volume of {shape} voxels of {dtype.name} ({nbytes / 2**20:.0f} MiB decompressed) is "
+                         f"too large to be a chest CT (at most {MAX_VOLUME_VOXELS} voxels and "
+                         f"{MAX_VOLUME_BYTES // 2**20} MiB; refused from its header, before reading)",
+                         "check the header, or crop/resample the volume (or store it as int16) before scoring")
     if min(shape) < 8:
         raise InputError(path, f"volume {shape} is too small to be a CT scan", "check the export")
     spacing = _stored_spacing(path, img)
@@ -129,11 +200,32 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise InputError(path, f"invalid voxel spacing {spacing} mm (zero, negative or not a number)",
                          "fix pixdim in the NIfTI header (re-export the volume with its real voxel size)")
     try:
-        if len(img.shape) == 4:
-            img = img.slicer[..., 0]
-        img = nib.as_closest_canonical(img)
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+        affine = np.asarray(img.affine, dtype=np.float64)
+        ornt = nib.orientations.io_orientation(affine) if np.isfinite(affine).all() else None
+    except Exception:  # noqa: BLE001 - a singular affine has no orientation
+        ornt = None
+    if ornt is None or np.isnan(ornt).any():
+        raise InputError(path, "the header's orientation (qform/sform affine) holds NaN, infinite or degenerate "
+                         "values, so the patient's axes cannot be told", "re-export the volume with its real "
+                         "orientation (qform/sform) from the scanner or converter")
+    try:
+        # Read in the stored type's own width (int16 stays int16 until it becomes float32 HU; nibabel's
+        # scaled read would go through float64), then reorient to the closest canonical (RAS) axes.
+        proxy = img.dataobj
+        raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
+        data = raw.astype(np.float32)
+        del raw
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+        if slope != 1.0:
+            data *= np.float32(slope)
+        if inter != 0.0:
+            data += np.float32(inter)
+        data = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
+        zooms = [float(z) for z in img.header.get_zooms()[:3]]
+        canonical = [0.0, 0.0, 0.0]
+        for axis, (out_axis, _) in enumerate(ornt):
+            canonical[int(out_axis)] = zooms[axis]
+        spacing = tuple(canonical)
     except MemoryError:
         raise
     except OSError as exc:
@@ -141,7 +233,7 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
             raise
         raise InputError(path, f"voxel data unreadable or truncated ({error_detail(exc, path)})",
                          "re-transfer the file from its source") from None
-    except Exception as exc:  # noqa: BLE001 - a broken stream or affine is this file's problem
+    except Exception as exc:  # noqa: BLE001 - a broken stream is this file's problem
         raise InputError(path, f"voxel data unreadable or truncated ({error_detail(exc, path)})",
                          "re-transfer the file from its source") from None
     if not np.isfinite(data).all():
@@ -169,14 +261,15 @@ def _load_nifti(path: Path):
     raise first
 
 
-def check_ct_intensities(path: str | Path, volume: np.ndarray) -> np.ndarray:
-    """Refuse a volume whose values are not CT Hounsfield units; returns it unchanged otherwise."""
-    lo, hi = float(volume.min()), float(volume.max())
-    if lo > CT_MAX_DARKEST_HU or hi > CT_MAX_BRIGHTEST_HU:
-        raise InputError(path, f"values {lo:.0f}..{hi:.0f} are not CT Hounsfield units (a chest CT has air near "
-                         f"-1000 HU; the darkest value here is {lo:.0f})",
-                         "send the CT in HU (apply the rescale slope/intercept; not an MR or 8-bit export)")
-    return volume
+def check_ct_intensities(path: str | Path, scan: np.ndarray) -> np.ndarray:
+    """Refuse a scan (a volume or a slice) whose values are not CT Hounsfield units; returns it unchanged otherwise."""
+    lo, hi = float(scan.min()), float(scan.max())
+    if lo > CT_MAX_DARKEST_HU or hi < CT_MIN_BRIGHTEST_HU or hi > CT_MAX_BRIGHTEST_HU:
+        raise InputError(path, f"values {lo:.4g}..{hi:.4g} are not CT Hounsfield units (a chest CT has air near "
+                         f"-1000 HU and soft tissue above {CT_MIN_BRIGHTEST_HU:.0f} HU, nothing above "
+                         f"{CT_MAX_BRIGHTEST_HU:.0f})", "send the CT in HU: check the rescale slope and intercept "
+                         "(not an MR, PET or 8-bit export)")
+    return scan
 
 
 def _stored_spacing(path: Path, img) -> tuple[float, ...]:

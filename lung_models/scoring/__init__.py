@@ -28,9 +28,9 @@ from lung_models.scoring.items import (
     Item,
 )
 from lung_models.scoring.ledger import Ledger
-from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT, ScoringLockTimeout, scoring_lock
+from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT, OutputNotWritable, ScoringLockTimeout, scoring_lock
 from lung_models.scoring.runtime import LoadedModel, open_model, predict
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "DEFAULT_SETTLE_SECONDS", "DONE_STATUSES", "ERROR", "MODALITY_INPUTS", "OK",
-           "REJECTED", "STATUSES", "Incoming", "Item", "Ledger", "LoadedModel", "ScoringLockTimeout", "discover",
-           "input_kind", "open_model", "predict", "scoring_lock"]
+           "REJECTED", "STATUSES", "Incoming", "Item", "Ledger", "LoadedModel", "OutputNotWritable",
+           "ScoringLockTimeout", "discover", "input_kind", "open_model", "predict", "scoring_lock"]

@@ -22,7 +22,15 @@ import numpy as np
 
 from lung_models import preprocess
 from lung_models.data import dicom
-from lung_models.data.readers import InputError, check_ct_intensities, read_nifti_hu, read_rgb_image
+from lung_models.data.readers import (
+    MAX_SLICE_PIXELS,
+    MAX_TILE_PIXELS,
+    InputError,
+    check_ct_intensities,
+    read_nifti_hu,
+    read_rgb_image,
+)
+from lung_models.registry import CT_SLICE
 from lung_models.scoring.discovery import stat_key
 from lung_models.scoring.items import DICOM, DICOM_SERIES, IMAGE, NIFTI, BundleInputError, FileChanged, Item
 
@@ -57,9 +65,10 @@ def decode(item: Item, root: Path) -> Decoded:
     the file system's faults, FileChanged when the bytes decoded may not be the bytes hashed."""
     path = root / item.files[0]
     if item.source == IMAGE:
-        decoded = Decoded(item, image=read_rgb_image(path))
-    elif item.source == DICOM:
-        decoded = Decoded(item, slices_hu=[dicom.read_slice_hu(path)])
+        decoded = Decoded(item, image=read_rgb_image(path, MAX_SLICE_PIXELS if item.kind == CT_SLICE
+                                                        else MAX_TILE_PIXELS))
+    elif item.source == DICOM:  # the same HU plausibility check as a volume's (a wrong rescale, an MR)
+        decoded = Decoded(item, slices_hu=[check_ct_intensities(path, dicom.read_slice_hu(path))])
     elif item.source == NIFTI:
         volume, _ = read_nifti_hu(path)
         decoded = Decoded(item, volume_hu=check_ct_intensities(path, volume))
@@ -80,6 +89,8 @@ def _decode_series(item: Item, root: Path) -> Decoded:
         return Decoded(item, volume_hu=check_ct_intensities(folder, volume))
     except InputError as exc:  # not a volume (too few slices, a gap, mixed sizes): still slices
         slices = [dicom.read_slice_hu(f) for f in series.files]
+        check_ct_intensities(folder, np.array([min(float(s.min()) for s in slices),
+                                               max(float(s.max()) for s in slices)]))
         return Decoded(item, slices_hu=slices, volume_error=exc)
 
 

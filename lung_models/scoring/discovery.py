@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lung_models.data import dicom
+from lung_models.data import dicom, readers
 from lung_models.data.readers import file_kind
-from lung_models.fileutil import report_text, sha256_bytes, sha256_file
+from lung_models.fileutil import is_undecodable, report_text, sha256_bytes, sha256_file, utf8_text
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
 from lung_models.scoring.items import (
     DICOM,
@@ -107,7 +107,8 @@ class _Walk:
 
 
 def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | None = None,
-             cache: HashCache | None = None) -> Incoming:
+             cache: HashCache | None = None, output_dir: str | Path | None = None,
+             own_file: Callable[[str], bool] = lambda name: False) -> Incoming:
     """Every scoreable item under ``input_dir`` (recursive; hidden files and folders skipped).
 
     Image suffixes, NIfTI suffixes, ``.dcm`` and extensionless files with a DICOM preamble are
@@ -117,6 +118,11 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
     the folder; nothing outside is ever opened. Only regular files are read (a named pipe would
     block the night). With a ``cache``, files whose stat key it holds are not read again, and what
     this walk learnt is remembered in it.
+
+    The scorer's own files are never arrivals: an ``output_dir`` inside the input folder is not
+    walked, and when it is the input folder itself, the names ``own_file`` accepts there (the
+    ledger, the lock, the reports) are neither scored nor count as changes to the folder (a lock
+    touched every night would otherwise keep a DICOM series there "still arriving" for ever).
     """
     root = Path(input_dir)
     walk = _Walk(root, os.path.realpath(root), datetime.now(timezone.utc).timestamp() if now is None else now,
@@ -126,6 +132,7 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
         rel = report_text(Path(exc.filename).relative_to(root).as_posix()) if exc.filename else "?"
         walk.skip(rel, f"folder cannot be listed ({exc.strerror}); give the scoring user read access to it")
 
+    own_folder = os.path.realpath(output_dir) if output_dir is not None else None
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         folder = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -134,6 +141,10 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
                 dirnames.remove(d)
                 walk.skip(report_text((folder / d).relative_to(root).as_posix()),
                           "symbolic link to a folder: not followed; copy the files into the input folder")
+            elif own_folder is not None and os.path.realpath(folder / d) == own_folder:
+                dirnames.remove(d)  # the reports and ledger of this very scorer: not input
+        if own_folder is not None and os.path.realpath(folder) == own_folder:
+            filenames = [n for n in filenames if not own_file(n)]
         for name in sorted(filenames):
             if not name.startswith("."):
                 _discover_file(walk, folder / name)
@@ -154,7 +165,7 @@ def _discover_file(walk: _Walk, path: Path) -> None:
     """Classify, stat and hash one directory entry; add an item, a refusal or a skip to ``walk``."""
     raw_rel = path.relative_to(walk.root).as_posix()
     rel, name, folder = report_text(raw_rel), report_text(path.name), path.parent
-    undecodable = rel != raw_rel  # refused once it is known to be a regular file and a scan (below)
+    undecodable = is_undecodable(raw_rel)  # refused once it is known to be a regular file and a scan (below)
     by_name = file_kind(path)
     try:
         link = path.lstat()
@@ -186,6 +197,8 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         if by_name is not None or name.lower().endswith(dicom.DICOM_SUFFIXES):
             walk.refuse(rel, _kind_by_name(by_name), _link_sha(path, "special file"), REJECTED,
                         f"{name}: not a regular file (a pipe, socket or device), refused; deliver scans as files")
+        else:  # it may be an extensionless slice, but reading a pipe would block the night: never opened
+            walk.skip(rel, "not a regular file (a pipe, socket or device): not read; deliver scans as files")
         return
     key = stat_key(before)
     facts = walk.cache.lookup(rel, key) if walk.cache is not None and not undecodable else None
@@ -240,7 +253,7 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         walk.refuse(rel, kind, sha, REJECTED, f"{rel}: the file or folder name is not valid UTF-8 (shown here "
                                               "with \\x escapes), so reports cannot name it; rename it to UTF-8")
         return
-    item = Item(rel, kind, source, (rel,), sha, (key,))
+    item = Item(rel, kind, source, (raw_rel,), sha, (key,))
     if source == DICOM:  # one item per scan: a slice of a series is held until the series is known
         walk.dicom_files[path] = (sha, key)
         walk.dicom_items[path] = item
@@ -274,7 +287,7 @@ def _series_items(walk: _Walk) -> list[Item]:
         if isinstance(problem, dicom.SliceUnreadable):  # gone or unreadable since it was hashed
             walk.unsettled_folders[path.parent] = f"{report_text(path.name)} cannot be read"
         elif not isinstance(problem, dicom.SliceWithoutSeries):
-            suspects.setdefault(path.parent, {})[path] = report_text(f"cannot be read as DICOM ({problem})")
+            suspects.setdefault(path.parent, {})[path] = utf8_text(f"cannot be read as DICOM ({problem})")
     for path in walk.undecodable:  # DICOM files only
         suspects.setdefault(path.parent, {}).setdefault(path, "has a name that is not valid UTF-8")
     items = [walk.dicom_items[p] for p in unreadable if p in walk.dicom_items]
@@ -283,7 +296,7 @@ def _series_items(walk: _Walk) -> list[Item]:
             items.extend(walk.dicom_items[f] for f in s.files if f in walk.dicom_items)
             continue
         raw_key = s.folder.relative_to(walk.root).as_posix()
-        key = report_text(raw_key)
+        key, folder_undecodable = report_text(raw_key), is_undecodable(raw_key)
         age = walk.now - walk.newest_mtime.get(s.folder, 0.0)
         why = walk.unsettled_folders.get(s.folder) or (
             f"the folder changed {age:.0f} s ago" if walk.settle_seconds and 0 <= age < walk.settle_seconds else "")
@@ -291,8 +304,8 @@ def _series_items(walk: _Walk) -> list[Item]:
             walk.skip(f"{key} (series {s.uid_hash})", f"DICOM series not assembled this run: {why}; "
                                                       "a later run scores it")
             continue
-        if key != raw_key or s.folder in suspects:
-            items.append(_refused_series(walk, s, key, suspects.get(s.folder, {}), folder_named=key != raw_key))
+        if folder_undecodable or s.folder in suspects:
+            items.append(_refused_series(walk, s, key, suspects.get(s.folder, {}), folder_named=folder_undecodable))
             continue
         rels = tuple(f.relative_to(walk.root).as_posix() for f in s.files)
         items.append(Item(key, CT_VOLUME, DICOM_SERIES, rels, _series_digest(walk, s.files),
@@ -328,11 +341,12 @@ def _refused_series(walk: _Walk, s: dicom.DicomSeries, key: str, suspects: dict[
 
 def input_kind(path: Path) -> str:
     """``ct_slice`` (grey image), ``histology_tile`` (colour image) or ``image`` (an image that does
-    not open: its error is reported by the models that would score it)."""
-    from PIL import Image
-
+    not open, or is too large to decode for a look: its error is reported by the models that would
+    score it)."""
     try:
-        with Image.open(path) as img:
+        with readers.open_image(path) as img:
+            if img.size[0] * img.size[1] > readers.MAX_TILE_PIXELS:
+                return "image"
             if img.mode in ("1", "L", "LA") or img.mode.startswith(("I", "F")):
                 return CT_SLICE
             img.draft("RGB", (128, 128))  # JPEG: decode at reduced size, it is only a colour check

@@ -22,14 +22,14 @@ Why every (file, model version) appears exactly once in the outputs, whatever cr
   claimed by exactly one report, so it is in exactly one night CSV.
 * Error rows are attempts, not results: when a later row exists for the same (path, content, model,
   bundle), an unreported error row is superseded and never published (a killed run's error and the
-  rerun's retry do not both appear in one night), and the cumulative CSV shows only the latest
-  published attempt for each (path, content, model, bundle). The content (file_sha256) is part of
+  rerun's retry do not both appear in one night). The content (file_sha256) is part of
   it because two DICOM series in one folder share their path (the folder): one series' row is no
   attempt at the other. An error row with an empty file_sha256 (the file could not even be read to
   hash it) is an attempt at whatever the path holds, so any later row for the path replaces it.
   Each night CSV reports that night's attempts, including retried errors.
-* ``Ledger.write_cumulative`` rewrites ``scores-cumulative.csv`` from the published rows, so it is
-  current after every publish and never contains a row twice.
+* ``Ledger.write_cumulative`` rewrites ``scores-cumulative.csv`` from the published rows: the
+  current row of every (scan, model), i.e. the latest published one, so it is current after every
+  publish and holds one row per scan and model.
 
 No reader ever sees a partial CSV: every CSV is streamed to a temporary file in the same directory
 and renamed over the target (``report.write_csv``). Memory does not grow with the number of rows:
@@ -61,9 +61,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lung_models.fileutil import report_text
+from lung_models.fileutil import utf8_text
 from lung_models.scoring.items import DONE_STATUSES, STATUSES, utc_now
-from lung_models.scoring.lock import pid_alive
+from lung_models.scoring.lock import OutputNotWritable, pid_alive
 from lung_models.scoring.report import write_csv
 from lung_models.scoring.rows import COLUMNS, REQUIRED_COLUMNS
 
@@ -81,6 +81,7 @@ _DONE_CHUNK = 400  # (path, sha) pairs per query: 802 parameters, far below SQLi
 STALE_TEMP_SECONDS = 3600  # a CSV temp file untouched this long is a dead writer's (writers rewrite it within seconds)
 # fileutil.atomic_writer's temp names for our CSVs: .<name>.csv.<pid>.<mkstemp's random part>.tmp
 _TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+_READ_ONLY = re.compile(r"readonly|read-only|unable to open|permission", re.IGNORECASE)
 _STAMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _SCHEMA = """
@@ -150,13 +151,16 @@ class Ledger:
 
     def __init__(self, output_dir: str | os.PathLike, busy_timeout: float = 120.0):
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / LEDGER_NAME
         self._mutex = threading.RLock()
-        # isolation_level=None: no implicit transactions; every write below is an explicit
-        # BEGIN IMMEDIATE ... COMMIT, and reads run in autocommit.
-        self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
-                                     check_same_thread=False)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every write below is an explicit
+            # BEGIN IMMEDIATE ... COMMIT, and reads run in autocommit.
+            self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                         check_same_thread=False)
+        except (PermissionError, sqlite3.OperationalError) as exc:
+            raise OutputNotWritable(self.output_dir, f"{LEDGER_NAME}: {exc}") from None
         try:
             # Rollback journal (DELETE), not WAL: writers are serialised by scoring_lock anyway, so
             # WAL's concurrent readers buy nothing; the ledger stays one self-contained file (no -wal
@@ -167,6 +171,11 @@ class Ledger:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             self._init_schema()
+        except sqlite3.OperationalError as exc:
+            self._conn.close()
+            if _READ_ONLY.search(str(exc)):
+                raise OutputNotWritable(self.output_dir, f"{LEDGER_NAME}: {exc}") from None
+            raise
         except BaseException:
             self._conn.close()
             raise
@@ -189,14 +198,19 @@ class Ledger:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:  # the folder or the file turned read-only
+                if _READ_ONLY.search(str(exc)):
+                    raise OutputNotWritable(self.output_dir, f"{LEDGER_NAME}: {exc}") from None
                 raise
-            self._conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._mutex:
@@ -267,7 +281,7 @@ class Ledger:
             raise ValueError(f"ledger row column names must be str: {bad!r}")
         # A text UTF-8 cannot hold (a non-UTF-8 file name quoted in an error) would be stored, then
         # fail every publish of the CSV after it: escape it here, whoever built the row.
-        return {k: report_text(v) if isinstance(v, str) else v for k, v in row.items()}
+        return {k: utf8_text(v) if isinstance(v, str) else v for k, v in row.items()}
 
     # -- the hash cache (discovery.HashCache)
     def lookup(self, relative_path: str, stat_key: tuple[int, ...]) -> dict[str, Any] | None:
@@ -351,18 +365,18 @@ class Ledger:
         return path
 
     def write_cumulative(self) -> Path:
-        """Rewrite ``scores-cumulative.csv`` atomically from every published row, oldest first: each
-        done row once, and for error rows only the latest published attempt per (path, content,
-        model, bundle) that no later published row replaced. Streamed: memory does not grow with the rows."""
+        """Rewrite ``scores-cumulative.csv`` atomically: for every scan and model, the latest published
+        row only, whatever its content hash or model version (a changed file's old row, an older
+        model version's row, a retried error: all replaced by the current one; their history stays in
+        the night CSVs and the ledger). A scan is its path and, for a DICOM series, its series hash
+        (two series in one folder share the path). Streamed: memory does not grow with the rows."""
         with self._mutex:
             rows = self._conn.execute(
-                "SELECT r.run_id, r.row_json FROM rows AS r JOIN reports AS p ON p.name = r.report "
-                "WHERE p.published_utc IS NOT NULL AND (r.done = 1 OR NOT EXISTS ("
-                "  SELECT 1 FROM rows AS later JOIN reports AS lp ON lp.name = later.report "
-                "  WHERE later.relative_path = r.relative_path AND later.bundle_sha256 = r.bundle_sha256 "
-                f"  AND later.model = r.model AND {_SAME_CONTENT.format(row='r')} AND later.id > r.id "
-                "  AND lp.published_utc IS NOT NULL)) "
-                "ORDER BY r.id")
+                "SELECT run_id, row_json FROM (SELECT r.id, r.run_id, r.row_json, ROW_NUMBER() OVER ("
+                "  PARTITION BY r.relative_path, json_extract(r.row_json, '$.series_uid_hash'), r.model "
+                "  ORDER BY r.id DESC) AS newest "
+                "  FROM rows AS r JOIN reports AS p ON p.name = r.report WHERE p.published_utc IS NOT NULL) "
+                "WHERE newest = 1 ORDER BY id")
             return write_csv(self.output_dir / CUMULATIVE_NAME, list(COLUMNS), rows)
 
     def _remove_stale_temps(self) -> None:

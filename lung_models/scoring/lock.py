@@ -51,6 +51,15 @@ def _lock_timeout_message(path: Path, timeout: float) -> str:
             "do not delete the lock file.")
 
 
+class OutputNotWritable(PermissionError):
+    """The output folder (or a file the scorer keeps in it) cannot be written by this user."""
+
+    def __init__(self, directory: str | os.PathLike, detail: str) -> None:
+        super().__init__(f"{directory}: the scoring output folder cannot be written ({detail}); give the user "
+                         "that runs the scorer write access to it (and to the ledger, lock and CSVs in it), or "
+                         "choose another output_dir")
+
+
 @contextmanager
 def scoring_lock(output_dir: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT, poll: float = 0.5, *,
                  label: str = "") -> Iterator[Path]:
@@ -63,10 +72,15 @@ def scoring_lock(output_dir: str | os.PathLike, timeout: float = DEFAULT_LOCK_TI
     Not re-entrant: taking it again in the same process (or thread) waits for itself.
     """
     directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    # os.open fds are non-inheritable (PEP 446): a child the holder exec()s does not keep the lock.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # os.open fds are non-inheritable (PEP 446): a child the holder exec()s does not keep the lock.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (PermissionError, OSError) as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise OutputNotWritable(directory, f"{exc.strerror} on {LOCK_NAME}") from None
     try:
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:

@@ -5,6 +5,7 @@ steps as tasks; ``run_night`` runs them without Prefect (benchmarks compare the 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -17,14 +18,18 @@ from lung_models.fileutil import utc_stamp
 from lung_models.scoring import pipeline
 from lung_models.scoring.discovery import discover
 from lung_models.scoring.items import ERROR, Incoming, takes
-from lung_models.scoring.ledger import Ledger
-from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT, scoring_lock
+from lung_models.scoring.ledger import LEDGER_NAME, Ledger
+from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT, LOCK_NAME, scoring_lock
 from lung_models.scoring.rows import result_row
 from lung_models.scoring.runtime import FP32, LoadedModel, open_model
 
 log = logging.getLogger(__name__)
 
 COMMIT_ROWS = 256
+# What a scoring run writes in its output folder: the ledger (and SQLite's journal), the lock, the
+# night and cumulative CSVs and their temp files (fileutil.atomic_writer names them ".<name>.<pid>.<random>.tmp").
+_OWN_FILE = re.compile(rf"^({re.escape(LEDGER_NAME)}(-journal|-wal|-shm)?|{re.escape(LOCK_NAME)}"
+                       r"|scores-.*\.csv|\.scores-.*\.tmp)$")
 COMMIT_SECONDS = 2.0
 
 
@@ -34,7 +39,12 @@ def find_incoming(input_dir: str | Path, output_dir: str | Path, settle_seconds:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder not found; check the deployment's input_dir parameter")
     with Ledger(output_dir) as ledger:
-        return discover(root, settle_seconds=settle_seconds, cache=ledger)
+        return discover(root, settle_seconds=settle_seconds, cache=ledger, output_dir=output_dir, own_file=own_file)
+
+
+def own_file(name: str) -> bool:
+    """Whether a file name in the output folder is one the scorer writes (ledger, lock, reports, temps)."""
+    return bool(_OWN_FILE.match(name))
 
 
 def find_bundles(exports_dir: str | Path, models: list[str] | None = None) -> list[ModelBundle]:

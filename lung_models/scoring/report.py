@@ -1,4 +1,7 @@
-"""Writing the report CSVs: streamed from the ledger, atomically (readers never see a partial file)."""
+"""Writing the report CSVs: streamed from the ledger, atomically (readers never see a partial file).
+
+Every text cell goes through :func:`fileutil.csv_cell`: a file named ``=1+1.png`` must not become a
+formula when ops staff open the report in a spreadsheet. The ledger keeps the true text."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from lung_models.fileutil import atomic_writer
+from lung_models.fileutil import atomic_writer, csv_cell
 from lung_models.scoring.rows import upgrade
 
 
@@ -21,5 +24,5 @@ def write_csv(path: Path, header: list[str], rows: sqlite3.Cursor) -> Path:
         for run_id, row_json in rows:
             row = upgrade(json.loads(row_json))
             row["run_id"] = run_id
-            writer.writerow(row)
+            writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return path

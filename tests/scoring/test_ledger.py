@@ -133,7 +133,8 @@ def test_error_row_of_one_series_survives_another_series_in_the_same_folder(ledg
     night1 = read_csv(ledger.publish("run1", "n1"))
     assert sorted((r["series_uid_hash"], r["status"]) for r in night1) == [("aaa", "error"), ("bbb", "ok")]
     assert ledger.counts()["superseded"] == 0
-    # published on different nights: series B's later row does not hide series A's error in the cumulative CSV
+    # published on different nights: series B's later row does not hide series A's error in the cumulative CSV;
+    # each series' current row is its latest (a new model version's row replaces the older version's)
     assert ledger.record("run2", [row("dicom/study1", "sha-series-b", bundle="b2", item_kind="dicom_series",
                                       series_uid_hash="bbb")]) == 1
     assert ledger.record("run2", [row("dicom/study2", "sha-series-c", bundle="b2", status="error")]) == 1
@@ -142,8 +143,7 @@ def test_error_row_of_one_series_survives_another_series_in_the_same_folder(ledg
     ledger.publish("run3", "n3")
     cumulative = read_csv(ledger.write_cumulative())
     assert sorted((r["relative_path"], r["file_sha256"], r["bundle_sha256"], r["status"]) for r in cumulative) == [
-        ("dicom/study1", "sha-series-a", "b1", "error"), ("dicom/study1", "sha-series-b", "b1", "ok"),
-        ("dicom/study1", "sha-series-b", "b2", "ok"), ("dicom/study2", "sha-series-c", "b2", "error"),
+        ("dicom/study1", "sha-series-a", "b1", "error"), ("dicom/study1", "sha-series-b", "b2", "ok"),
         ("dicom/study2", "sha-series-d", "b2", "ok")]
     # the same series retried still replaces its own error, on the same night and in the cumulative CSV
     assert ledger.record("run4", [a]) == 1
@@ -289,6 +289,35 @@ def test_the_hash_cache_answers_only_for_the_same_stat_key(ledger, tmp_path):
     assert ledger.lookup("a.png", (10, 2, 1, 7)) is None and ledger.lookup("b.png", (10, 1, 1, 7)) is None
     ledger.remember_facts([("a.png", (11, 2, 2, 7), {"sha256": "s2", "kind": "ct_slice", "source": "image"})])
     assert ledger.lookup("a.png", (10, 1, 1, 7)) is None and ledger.lookup("a.png", (11, 2, 2, 7))["sha256"] == "s2"
+
+
+def test_the_cumulative_csv_keeps_only_the_current_row_of_a_changed_file(ledger):
+    """A file modified after it was scored is scored again: its old row stays in the night CSV that
+    published it, and the cumulative CSV holds only the new one (issue 16, defect 10)."""
+    ledger.record("run1", [row("a.png", "old"), row("a.png", "old", model="ct", bundle="b-ct", classes=CT),
+                           row("b.png")])
+    first = read_csv(ledger.publish("run1", "n1"))
+    ledger.record("run2", [row("a.png", "new"), row("a.png", "new", model="ct", bundle="b-ct", classes=CT)])
+    ledger.publish("run2", "n2")
+    cumulative = read_csv(ledger.write_cumulative())
+    assert sorted((r["relative_path"], r["model"], r["file_sha256"]) for r in cumulative) == [
+        ("a.png", "ct", "new"), ("a.png", "hist", "new"), ("b.png", "hist", "sha-b.png")]
+    assert {r["file_sha256"] for r in first if r["relative_path"] == "a.png"} == {"old"}  # history kept
+
+
+def test_text_cells_that_a_spreadsheet_would_run_are_neutralised(ledger):
+    """OWASP CSV injection: a name starting with = + - @, tab or CR is written with a ' in front, in
+    every CSV; the ledger keeps the true name, and dropping one leading ' gives it back (issue 16, defect 1)."""
+    names = ["=1+1.png", "+1+1.png", "@SUM(1+1).png", "-2+3.png", "\tx.png", "\rx.png", "'quoted.png", "ok.png"]
+    ledger.record("run1", [row(n, status="rejected", error=f"{n}: not a readable image; re-export it") for n in names])
+    for path in (ledger.publish("run1", "n1"), ledger.write_cumulative()):
+        got = {r["relative_path"]: r for r in read_csv(path)}
+        assert set(got) == {"'" + n for n in names[:-1]} | {"ok.png"}
+        for cell in (c for r in got.values() for c in r.values()):
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+        assert {k[1:] if k.startswith("'") else k for k in got} == set(names)
+    stored = {json.loads(j)["relative_path"] for (j,) in ledger._conn.execute("SELECT row_json FROM rows")}
+    assert stored == set(names)
 
 
 def test_unpublished_rows_are_not_in_cumulative(ledger):
