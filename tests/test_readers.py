@@ -205,3 +205,25 @@ def test_a_series_still_being_transferred_waits_rather_than_being_rejected(tmp_p
     assert not [i for i in incoming.items if i.source == "dicom_series"]
     assert any(key.startswith("series (series ") for key, _ in incoming.skipped), incoming.skipped
 
+
+
+@pytest.mark.parametrize("affine", [np.diag([0.7, 0.8, 2.5, 1.0]), np.diag([-0.7, -0.8, 2.5, 1.0]),
+                                    np.array([[0, 0, -2.5, 10], [-0.7, 0, 0, 5], [0, 0.8, 0, 1], [0, 0, 0, 1.0]])],
+                         ids=["ras", "lps", "permuted"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_a_volume_read_in_its_stored_width_equals_nibabels_canonical_scaled_read(tmp_path, affine, dtype):
+    """The reader scales and reorients the stored array itself (one float32 copy instead of nibabel's
+    float64 one): values and spacing must be what ``as_closest_canonical`` gives, including a header
+    whose pixdim disagrees with its affine and an int16 volume with slope/intercept."""
+    data = np.random.default_rng(0).integers(-1024, 1500, (20, 22, 24)).astype(dtype)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_zooms((1.2, 1.3, 1.1))
+    if dtype == np.int16:
+        img.header.set_slope_inter(1.0, -0.5)
+    path = tmp_path / "v.nii.gz"
+    nib.save(img, str(path))
+    canonical = nib.as_closest_canonical(nib.load(str(path)))
+    volume, spacing = read_nifti_hu(path)
+    assert volume.dtype == np.float32 and volume.flags.c_contiguous
+    np.testing.assert_array_equal(volume, np.asarray(canonical.dataobj, dtype=np.float32))
+    assert spacing == tuple(float(z) for z in canonical.header.get_zooms()[:3])

@@ -368,9 +368,9 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
             raise _Problem(f"{keyword} is missing its value or is not a finite number (non-finite HU values)",
                            "re-export the slice from the scanner or PACS")
         result.append(value[0])
-    if result[0] == 0:
-        raise _Problem("RescaleSlope is 0, every pixel would have the same HU value",
-                       "re-export the slice from the scanner or PACS")
+    if result[0] <= 0:  # 0 flattens every pixel to one value; a negative slope turns air into bone
+        raise _Problem(f"RescaleSlope is {'0' if result[0] == 0 else 'negative'}, so the pixels cannot map to CT "
+                       "Hounsfield units", "re-export the slice from the scanner or PACS")
     return result[0], result[1]
 
 

@@ -31,10 +31,11 @@ IMAGE_FORMATS = {".png": _COMMON_FORMATS, ".jpg": _COMMON_FORMATS, ".jpeg": _COM
 MAX_SLICE_PIXELS = 4096 * 4096
 MAX_TILE_PIXELS = 8192 * 8192
 
-# A volume larger than this (in voxels, or in decompressed bytes) is refused from its header, before
-# any allocation: 512x512x1024 int16 is the largest chest CT expected (0.3 mm slices over 30 cm).
+# A volume larger than this (in voxels, or in stored bytes once decompressed) is refused from its
+# header, before any allocation: 512x512x1024 is the largest chest CT expected (0.3 mm slices over
+# 30 cm), stored as int16 or float32; reading one costs its stored bytes plus one float32 copy.
 MAX_VOLUME_VOXELS = 1024 * 1024 * 1024 // 4  # 256 Mi voxels = 1 GiB as float32
-MAX_VOLUME_BYTES = 512 * 1024 * 1024
+MAX_VOLUME_BYTES = 1024 * 1024 * 1024
 # Changes whenever the readers turn the same file into a different array (training caches key on it):
 # 2 = NIfTI volumes reoriented to closest-canonical RAS; 3 = 16-bit/float and multi-frame images refused;
 # 4 = 16-bit-per-channel colour images refused too.
@@ -118,7 +119,8 @@ def read_rgb_image(path: str | Path, max_pixels: int = MAX_TILE_PIXELS) -> np.nd
                 # keeping their high byte as Pillow does for 16-bit colour, gives a contrast the model
                 # never saw, and a wrong score marked ok.
                 what = (f"{img.mode} greyscale image ({'float' if img.mode == 'F' else '16/32-bit'} values)"
-                        if img.mode.startswith(("I", "F")) else f"{bits}-bit-per-channel colour image")
+                        if img.mode.startswith(("I", "F")) else f"image of {bits} bits per sample ({img.mode} "
+                        "as stored: 48-bit colour or 16-bit grey with alpha)")
                 raise InputError(path, f"{what}, not an 8-bit export",
                                  "send the slice as DICOM (it is then windowed as in training) or as an 8-bit "
                                  "PNG/JPEG exported with a display window")
@@ -192,7 +194,8 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise InputError(path, f"volume of {shape} voxels of {dtype.name} ({nbytes / 2**20:.0f} MiB decompressed) is "
                          f"too large to be a chest CT (at most {MAX_VOLUME_VOXELS} voxels and "
                          f"{MAX_VOLUME_BYTES // 2**20} MiB; refused from its header, before reading)",
-                         "check the header, or crop/resample the volume (or store it as int16) before scoring")
+                         "check the header, or crop/resample the volume (or store it as int16 or float32) "
+                         "before scoring")
     if min(shape) < 8:
         raise InputError(path, f"volume {shape} is too small to be a CT scan", "check the export")
     spacing = _stored_spacing(path, img)
@@ -209,23 +212,26 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
                          "values, so the patient's axes cannot be told", "re-export the volume with its real "
                          "orientation (qform/sform) from the scanner or converter")
     try:
-        # Read in the stored type's own width (int16 stays int16 until it becomes float32 HU; nibabel's
-        # scaled read would go through float64), then reorient to the closest canonical (RAS) axes.
+        # Read in the stored type's own width (nibabel's scaled read would go through float64), reorient
+        # the raw array to the closest canonical (RAS) axes (flips and transposes: a view), and make the
+        # one float32 copy from that view, so a volume costs its stored bytes plus one float32 copy.
         proxy = img.dataobj
         raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
-        data = raw.astype(np.float32)
+        data = np.array(nib.orientations.apply_orientation(raw, ornt), dtype=np.float32, order="C")
         del raw
         slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
         if slope != 1.0:
             data *= np.float32(slope)
         if inter != 0.0:
             data += np.float32(inter)
-        data = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
-        zooms = [float(z) for z in img.header.get_zooms()[:3]]
-        canonical = [0.0, 0.0, 0.0]
-        for axis, (out_axis, _) in enumerate(ornt):
-            canonical[int(out_axis)] = zooms[axis]
-        spacing = tuple(canonical)
+        if (ornt == [[0, 1], [1, 1], [2, 1]]).all():
+            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        else:  # as nibabel's as_closest_canonical gives it: the voxel sizes of the reoriented affine
+            sizes = nib.affines.voxel_sizes(affine)[:3]
+            canonical = [0.0, 0.0, 0.0]
+            for axis, (out_axis, _) in enumerate(ornt):
+                canonical[int(out_axis)] = float(sizes[axis])
+            spacing = tuple(canonical)
     except MemoryError:
         raise
     except OSError as exc:

@@ -88,9 +88,8 @@ def _decode_series(item: Item, root: Path) -> Decoded:
         volume, _, _ = dicom.read_series_hu(series)
         return Decoded(item, volume_hu=check_ct_intensities(folder, volume))
     except InputError as exc:  # not a volume (too few slices, a gap, mixed sizes): still slices
-        slices = [dicom.read_slice_hu(f) for f in series.files]
-        check_ct_intensities(folder, np.array([min(float(s.min()) for s in slices),
-                                               max(float(s.max()) for s in slices)]))
+        # each slice checked on its own: one with a wrong rescale must not hide among good ones
+        slices = [check_ct_intensities(f, dicom.read_slice_hu(f)) for f in series.files]
         return Decoded(item, slices_hu=slices, volume_error=exc)
 
 

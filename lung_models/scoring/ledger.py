@@ -28,8 +28,9 @@ Why every (file, model version) appears exactly once in the outputs, whatever cr
   hash it) is an attempt at whatever the path holds, so any later row for the path replaces it.
   Each night CSV reports that night's attempts, including retried errors.
 * ``Ledger.write_cumulative`` rewrites ``scores-cumulative.csv`` from the published rows: the
-  current row of every (scan, model), i.e. the latest published one, so it is current after every
-  publish and holds one row per scan and model.
+  current row of every (scan, model), i.e. the newest result for the scan's current content (an
+  error row only while there is no result), so it is current after every publish and holds one
+  row per scan and model.
 
 No reader ever sees a partial CSV: every CSV is streamed to a temporary file in the same directory
 and renamed over the target (``report.write_csv``). Memory does not grow with the number of rows:
@@ -125,6 +126,26 @@ CREATE INDEX IF NOT EXISTS rows_report ON rows(report);
 # A later row is another attempt at the same item when it has the same content; an error row without
 # content hash (the file could not be read) is an attempt at whatever the path holds.
 _SAME_CONTENT = "(later.file_sha256 = {row}.file_sha256 OR {row}.file_sha256 = '')"
+
+# The cumulative CSV's rows (see Ledger.write_cumulative).
+_CURRENT_ROWS = """
+WITH pub AS (
+    SELECT r.id, r.run_id, r.row_json, r.relative_path, r.file_sha256, r.model, r.done,
+           json_extract(r.row_json, '$.series_uid_hash') AS series
+    FROM rows AS r JOIN reports AS p ON p.name = r.report WHERE p.published_utc IS NOT NULL),
+content AS (
+    SELECT relative_path, series, model, file_sha256 FROM (
+        SELECT relative_path, series, model, file_sha256, ROW_NUMBER() OVER (
+            PARTITION BY relative_path, series, model ORDER BY file_sha256 != '' DESC, id DESC) AS n
+        FROM pub)
+    WHERE n = 1)
+SELECT run_id, row_json FROM (
+    SELECT pub.id, pub.run_id, pub.row_json, ROW_NUMBER() OVER (
+        PARTITION BY pub.relative_path, pub.series, pub.model ORDER BY pub.done DESC, pub.id DESC) AS n
+    FROM pub JOIN content AS c ON c.relative_path = pub.relative_path AND c.series IS pub.series
+        AND c.model = pub.model AND c.file_sha256 = pub.file_sha256)
+WHERE n = 1 ORDER BY id
+"""
 
 _INSERT_ROW = """
 INSERT INTO rows (relative_path, file_sha256, bundle_sha256, model, model_version, status, done, run_id,
@@ -365,18 +386,17 @@ class Ledger:
         return path
 
     def write_cumulative(self) -> Path:
-        """Rewrite ``scores-cumulative.csv`` atomically: for every scan and model, the latest published
-        row only, whatever its content hash or model version (a changed file's old row, an older
-        model version's row, a retried error: all replaced by the current one; their history stays in
-        the night CSVs and the ledger). A scan is its path and, for a DICOM series, its series hash
-        (two series in one folder share the path). Streamed: memory does not grow with the rows."""
+        """Rewrite ``scores-cumulative.csv`` atomically: one current row for every scan and model. A
+        scan is its path and, for a DICOM series, its series hash (two series in one folder share
+        the path). Its current content is that of its newest published row with a content hash (an
+        error row without one, a file that could not be read, does not make the known content
+        unknown); of the rows for that content, the newest result (ok or rejected) wins over any
+        error row, and an error row shows only while no result exists. So a changed file's old row
+        and an older model version's row are replaced, while a refused new model version cannot
+        hide the last good result. The night CSVs and the ledger keep the history. Streamed: memory
+        does not grow with the rows."""
         with self._mutex:
-            rows = self._conn.execute(
-                "SELECT run_id, row_json FROM (SELECT r.id, r.run_id, r.row_json, ROW_NUMBER() OVER ("
-                "  PARTITION BY r.relative_path, json_extract(r.row_json, '$.series_uid_hash'), r.model "
-                "  ORDER BY r.id DESC) AS newest "
-                "  FROM rows AS r JOIN reports AS p ON p.name = r.report WHERE p.published_utc IS NOT NULL) "
-                "WHERE newest = 1 ORDER BY id")
+            rows = self._conn.execute(_CURRENT_ROWS)
             return write_csv(self.output_dir / CUMULATIVE_NAME, list(COLUMNS), rows)
 
     def _remove_stale_temps(self) -> None:

@@ -305,6 +305,27 @@ def test_the_cumulative_csv_keeps_only_the_current_row_of_a_changed_file(ledger)
     assert {r["file_sha256"] for r in first if r["relative_path"] == "a.png"} == {"old"}  # history kept
 
 
+def test_an_error_row_never_hides_the_last_result_in_the_cumulative_csv(ledger):
+    """A refused new model version (error rows for every scan) and a file that could not be read one
+    night (an error row without content hash) leave the last good result current; an error for new
+    content shows until that content has a result."""
+    ledger.record("run1", [row("a.png", "x"), row("b.png", "y")])
+    ledger.publish("run1", "n1")
+    ledger.record("run2", [row("a.png", "x", bundle="b2", version="2", status="error"),
+                           row("b.png", "", bundle="b1", status="error")])
+    ledger.publish("run2", "n2")
+    current = {r["relative_path"]: (r["file_sha256"], r["status"]) for r in read_csv(ledger.write_cumulative())}
+    assert current == {"a.png": ("x", "ok"), "b.png": ("y", "ok")}
+    ledger.record("run3", [row("a.png", "x2", bundle="b1", status="error")])  # changed, and failed
+    ledger.publish("run3", "n3")
+    current = {r["relative_path"]: (r["file_sha256"], r["status"]) for r in read_csv(ledger.write_cumulative())}
+    assert current == {"a.png": ("x2", "error"), "b.png": ("y", "ok")}
+    ledger.record("run4", [row("a.png", "x2", bundle="b1")])
+    ledger.publish("run4", "n4")
+    current = {r["relative_path"]: (r["file_sha256"], r["status"]) for r in read_csv(ledger.write_cumulative())}
+    assert current == {"a.png": ("x2", "ok"), "b.png": ("y", "ok")}
+
+
 def test_text_cells_that_a_spreadsheet_would_run_are_neutralised(ledger):
     """OWASP CSV injection: a name starting with = + - @, tab or CR is written with a ' in front, in
     every CSV; the ledger keeps the true name, and dropping one leading ' gives it back (issue 16, defect 1)."""

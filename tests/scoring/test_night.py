@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from corpus import (
+    FORMULA_NAMES,
     HOUR_AGO,
     PHI,
     SLICES_STILL_SCORED,
@@ -76,6 +77,16 @@ def test_the_report_rejects_at_least_twenty_kinds_of_bad_input(corpus_run):
     rejected = set(df[df.status == "rejected"].relative_path)
     planted = {k for k, (status, _) in corpus_run["expected"].items() if status == "rejected"}
     assert rejected == planted and len(rejected) >= 20, sorted(rejected ^ planted)
+
+
+def test_the_night_csv_neutralises_every_formula_like_cell(corpus_run):
+    """End to end (issue 16, defect 1): the corpus' file names a spreadsheet would run, and the error
+    texts that quote them, reach the CSV with a ' in front; no text cell starts a formula."""
+    night_csv = min(p for p in (corpus_run["root"] / "reports").glob("scores-*.csv") if "cumulative" not in p.name)
+    raw = pd.read_csv(night_csv, keep_default_na=False, dtype=str)
+    names = set(raw.relative_path)
+    assert {"'" + n for n in FORMULA_NAMES} | {"'@SUM(1+1).png"} <= names
+    assert not any(c.startswith(("=", "+", "-", "@", "\t", "\r")) for c in raw.to_numpy().ravel())
 
 
 def test_every_bad_input_gets_a_row_naming_it_and_every_good_one_is_scored(corpus_run):
