@@ -10,7 +10,8 @@ Sections:
   tf     the same model's best TensorFlow path (Keras predict, tf.function, tf.function with XLA) beside it;
   night  end-to-end night throughput over a generated folder mixing slices, tiles, NIfTI volumes and DICOM
          series, against the raw inference time those (scan, model) pairs need (goal: ratio >= 0.8);
-  flow   the Prefect flow against the bare scoring function (night.run_night) on 1,000 slices (goal <= 1.1x);
+  flow   the Prefect flow against the bare scoring function (night.run_night) on 1,000 slices (goal <= 1.1x),
+         with the CLI's temporary API (new and used PREFECT_HOME) and against a running server;
   rss    peak resident memory of scoring 1,000 and 10,000 slices with one model, each in a fresh process
          (goal: 10,000 <= 1.2x of 1,000).
 """
@@ -18,10 +19,12 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -201,16 +204,20 @@ def write_slices(folder: Path, n: int, seed: int = 0) -> None:
         (sub / f"slice_{i:06d}.png").write_bytes(buf.getvalue())
 
 
-def _child(mode: str, folder: Path, out: Path, exports: str, model: str, workers: int | None) -> dict:
-    """Score ``folder`` in a fresh process (``mode`` flow or bare); its wall time, rows and peak RSS."""
-    env = {**os.environ, "PREFECT_HOME": str(out) + "-prefect", "PREFECT_LOGGING_LEVEL": "WARNING"}
+def _child(mode: str, folder: Path, out: Path, exports: str, model: str, workers: int | None,
+           env: dict[str, str] | None = None) -> dict:
+    """Score ``folder`` in a fresh process (``mode`` flow or bare); its times, rows and peak RSS. Without
+    ``env`` the process gets a PREFECT_HOME of its own (a flow then starts a temporary local API)."""
+    env = env or {**os.environ, "PREFECT_HOME": str(out) + "-prefect"}
+    env = {**env, "PREFECT_LOGGING_LEVEL": "WARNING"}
     args = [sys.executable, __file__, "--child", mode, "--input", str(folder), "--output", str(out),
             "--exports", exports, "--model", model] + (["--workers", str(workers)] if workers else [])
+    started = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.exit(f"scoring {folder} ({mode}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line.removeprefix("RESULT "))
+    return {**json.loads(line.removeprefix("RESULT ")), "process_seconds": time.perf_counter() - started}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -218,30 +225,82 @@ def child(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     if args.child == "flow":
-        from flows.score import score_folder
-
-        csv = score_folder(input_dir=args.input, output_dir=args.output, models=[args.model],
-                           exports_dir=args.exports, settle_seconds=0, workers=args.workers)
+        from flows.score import score_folder as run
     else:
-        from lung_models.scoring.night import run_night
-
-        csv = run_night(args.input, args.output, args.exports, [args.model], workers=args.workers)
-    seconds = time.perf_counter() - started
+        from lung_models.scoring.night import run_night as run
+    imported = time.perf_counter()
+    kw = {"settle_seconds": 0} if args.child == "flow" else {}
+    csv = run(args.input, args.output, models=[args.model], exports_dir=args.exports, workers=args.workers, **kw)
+    seconds = time.perf_counter() - imported
     rows = len(pd.read_csv(csv))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print("RESULT " + json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mib": peak_mib}), flush=True)
+    print("RESULT " + json.dumps({"rows": rows, "seconds": seconds, "import_seconds": imported - started,
+                                  "peak_rss_mib": peak_mib}), flush=True)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A running ``prefect server start`` (its own PREFECT_HOME and SQLite); yields the environment of a
+    client of it, as a deployment's worker would run the flow."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    sys.exit(f"prefect server did not start; see {home / 'server.log'}")
+                time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def flow_vs_bare(work: Path, exports: str, model: str, workers: int | None) -> None:
     folder = work / "slices-1000"
     if not folder.exists():
         write_slices(folder, 1000)
-    bare = _child("bare", folder, work / f"bare-{time.time_ns()}", exports, model, workers)
-    flow = _child("flow", folder, work / f"flow-{time.time_ns()}", exports, model, workers)
-    assert bare["rows"] == flow["rows"] == 1000
-    print(f"flow   1,000 slices with {model}: bare function {bare['seconds']:.1f} s, Prefect flow "
-          f"{flow['seconds']:.1f} s (with its temporary server): ratio {flow['seconds'] / bare['seconds']:.2f} "
-          "(goal <= 1.1)", flush=True)
+
+    def run(mode: str, env: dict[str, str] | None = None, tag: str = "") -> dict:
+        r = _child(mode, folder, work / f"{mode}{tag}-{time.time_ns()}", exports, model, workers, env)
+        assert r["rows"] == 1000, r
+        return r
+
+    bare = run("bare")
+    # A first flow in a fresh PREFECT_HOME: the CLI's temporary API, and its database created on the spot.
+    cold = run("flow", tag="-cold")
+    # The same with a PREFECT_HOME used before (a user's second `lung-factory score`).
+    home = work / f"prefect-home-{time.time_ns()}"
+    temp_env = {**os.environ, "PREFECT_HOME": str(home)}
+    run("flow", temp_env, "-warmup")
+    warm = run("flow", temp_env, "-warm")
+    # Against a running server, as the nightly deployment runs (its first flow run warms the server).
+    with prefect_server(work / f"server-{time.time_ns()}") as server_env:
+        run("flow", server_env, "-served-warmup")
+        served = run("flow", server_env, "-served")
+    print(f"flow   1,000 slices with {model}, each in a fresh process (import time apart; scoring call):"
+          f" bare function {bare['seconds']:.1f} s (+{bare['import_seconds']:.1f} s imports)", flush=True)
+    for name, r in (("temporary API, new PREFECT_HOME", cold), ("temporary API, PREFECT_HOME used before", warm),
+                    ("running server (the deployment)", served)):
+        whole = r["process_seconds"] / bare["process_seconds"]
+        print(f"flow   Prefect flow, {name}: {r['seconds']:.1f} s (+{r['import_seconds']:.1f} s imports): ratio "
+              f"{r['seconds'] / bare['seconds']:.2f}, whole process {whole:.2f} (goal <= 1.1)", flush=True)
 
 
 def rss(work: Path, exports: str, model: str, workers: int | None, sizes: list[int]) -> None:
