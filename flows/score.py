@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from lung_models.fileutil import utc_stamp
 from lung_models.scoring import DEFAULT_LOCK_TIMEOUT, DEFAULT_SETTLE_SECONDS, scoring_lock
@@ -32,6 +33,8 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
     with scoring_lock(out, timeout=lock_timeout_seconds, label=f"flow run {run_id}"):
         stamp = utc_stamp()
         incoming = find_incoming(input_dir, output_dir, settle_seconds)
-        scored = score_incoming(incoming, input_dir, output_dir, exports_dir, models, run_id, batch_size, workers,
-                                precision)
-        return publish_reports(output_dir, input_dir, run_id, stamp, scored, incoming["skipped"])["night"]
+        # quote(): the item list grows with the night (thousands of dicts); Prefect would otherwise walk
+        # every element of it looking for futures, a cost per file that the bare scorer does not pay.
+        scored = score_incoming(quote(incoming), input_dir, output_dir, exports_dir, models, run_id, batch_size,
+                                workers, precision)
+        return publish_reports(output_dir, input_dir, run_id, stamp, quote(scored), quote(incoming["skipped"]))["night"]

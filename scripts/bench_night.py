@@ -273,13 +273,14 @@ def prefect_server(home: Path):
 
 
 def flow_vs_bare(work: Path, exports: str, model: str, workers: int | None) -> None:
-    folder = work / "slices-1000"
-    if not folder.exists():
-        write_slices(folder, 1000)
+    folders = {n: work / f"slices-{n}" for n in (1000, 10000)}
+    for n, folder in folders.items():
+        if not folder.exists():
+            write_slices(folder, n)
 
-    def run(mode: str, env: dict[str, str] | None = None, tag: str = "") -> dict:
-        r = _child(mode, folder, work / f"{mode}{tag}-{time.time_ns()}", exports, model, workers, env)
-        assert r["rows"] == 1000, r
+    def run(mode: str, env: dict[str, str] | None = None, tag: str = "", n: int = 1000) -> dict:
+        r = _child(mode, folders[n], work / f"{mode}{tag}-{time.time_ns()}", exports, model, workers, env)
+        assert r["rows"] == n, r
         return r
 
     bare = run("bare")
@@ -294,13 +295,17 @@ def flow_vs_bare(work: Path, exports: str, model: str, workers: int | None) -> N
     with prefect_server(work / f"server-{time.time_ns()}") as server_env:
         run("flow", server_env, "-served-warmup")
         served = run("flow", server_env, "-served")
+        served_large, bare_large = run("flow", server_env, "-served", 10000), run("bare", n=10000)
     print(f"flow   1,000 slices with {model}, each in a fresh process (import time apart; scoring call):"
           f" bare function {bare['seconds']:.1f} s (+{bare['import_seconds']:.1f} s imports)", flush=True)
-    for name, r in (("temporary API, new PREFECT_HOME", cold), ("temporary API, PREFECT_HOME used before", warm),
-                    ("running server (the deployment)", served)):
-        whole = r["process_seconds"] / bare["process_seconds"]
-        print(f"flow   Prefect flow, {name}: {r['seconds']:.1f} s (+{r['import_seconds']:.1f} s imports): ratio "
-              f"{r['seconds'] / bare['seconds']:.2f}, whole process {whole:.2f} (goal <= 1.1)", flush=True)
+    for name, r, b in (("temporary API, new PREFECT_HOME", cold, bare),
+                       ("temporary API, PREFECT_HOME used before", warm, bare),
+                       ("running server (the deployment)", served, bare),
+                       ("running server, 10,000 slices", served_large, bare_large)):
+        whole = r["process_seconds"] / b["process_seconds"]
+        print(f"flow   Prefect flow, {name}: {r['seconds']:.1f} s (+{r['import_seconds']:.1f} s imports) against "
+              f"{b['seconds']:.1f} s bare: ratio {r['seconds'] / b['seconds']:.2f}, whole process {whole:.2f} "
+              "(goal <= 1.1)", flush=True)
 
 
 def rss(work: Path, exports: str, model: str, workers: int | None, sizes: list[int]) -> None:

@@ -198,3 +198,14 @@ def test_unchanged_files_are_not_read_again_the_next_night(mixed_folder, tmp_pat
         assert hashed == ["slice.png"] and third.hashed == 1
         changed = {i.key: i.sha256 for i in third.items}
         assert changed["slice.png"] != {i.key: i.sha256 for i in first.items}["slice.png"]
+
+
+def test_scoring_sessions_share_one_cpu_arena_and_fix_their_threads():
+    """Each session's own arena would keep its largest working set for the night, so eight models
+    held eight peaks; the scorer's sessions draw on one arena registered for the process."""
+    from lung_models.scoring import runtime
+
+    options = runtime.session_options(intra_op_threads=3)
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
+    assert runtime.session_options().get_session_config_entry("session.use_env_allocators") == "1"  # registered once
