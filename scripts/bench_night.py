@@ -13,7 +13,11 @@ Sections:
   flow   the Prefect flow against the bare scoring function (night.run_night) on 1,000 slices (goal <= 1.1x),
          with the CLI's temporary API (new and used PREFECT_HOME) and against a running server;
   rss    peak resident memory of scoring 1,000 and 10,000 slices with one model, each in a fresh process
-         (goal: 10,000 <= 1.2x of 1,000).
+         (goal: 10,000 <= 1.2x of 1,000);
+  workers decoding and preparing the night folder's scans for every model in a pool of threads against a
+         pool of processes of the same size (the arrays travel back to the parent, as the scorer needs them);
+  arena  per model, the scorer's sessions (one CPU arena shared by the process) against sessions with an
+         arena of their own, alternating on the same batch in this one process.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-SECTIONS = ("raw", "tf", "night", "flow", "rss")
+SECTIONS = ("raw", "tf", "night", "flow", "rss", "arena", "workers")
 
 
 def _bundles(exports: str, names: list[str] | None = None):
@@ -90,6 +94,74 @@ def raw_rates(bundles, batch_size: int) -> dict[str, float]:
         rates[name] = _rate(lambda m=model, v=x: predict(m, v), size)
         print(f"raw    {name:26s} ORT {model.provider:22s} batch {size}: {rates[name]:7.1f} inputs/s", flush=True)
     return rates
+
+
+def _decode_for_models(item, root: Path, preps: list[dict]) -> list:
+    """What one decoding worker does for one scan: decode once, prepare once per signature."""
+    from lung_models.scoring import decode
+
+    try:
+        decoded = decode.decode(item, root)
+        return [decode.prepare(decoded, p) for p in preps]
+    except Exception as exc:  # noqa: BLE001 - a scan no model can take: its message only
+        return [str(exc)]
+
+
+def workers_compare(bundles, work: Path, workers: int | None) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from lung_models.scoring import discover
+    from lung_models.scoring.items import takes
+    from lung_models.scoring.pipeline import default_workers
+
+    folder = work / "night-in"
+    if not folder.exists():
+        write_night_folder(folder)
+    n = workers or default_workers()
+    jobs = [(i, [b.preprocessing for b in bundles.values() if takes(b.modality, i)]) for i in discover(folder).items]
+    results = {}
+    for kind in ("thread", "process"):
+        started = time.perf_counter()
+        pool = (ThreadPoolExecutor(n) if kind == "thread"
+                else ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")))
+        with pool:
+            list(pool.map(_decode_for_models, *zip(*[(i, folder, p) for i, p in jobs])))  # warm-up: worker start
+            ready = time.perf_counter()
+            for _ in range(2):
+                out = list(pool.map(_decode_for_models, *zip(*[(i, folder, p) for i, p in jobs])))
+            results[kind] = (time.perf_counter() - ready) / 2
+        print(f"workers {n} {kind} worker(s): {len(jobs)} scans decoded and prepared for {len(bundles)} models in "
+              f"{results[kind]:.2f} s ({ready - started:.1f} s for the first pass, start-up "
+              f"included); {sum(isinstance(x, str) for o in out for x in o)} refused", flush=True)
+    print(f"workers processes take {results['process'] / results['thread']:.2f}x the time of threads", flush=True)
+
+
+def arena_rates(bundles, batch_size: int) -> None:
+    import onnxruntime as ort
+
+    from lung_models.scoring.pipeline import VOLUME_BATCH
+    from lung_models.scoring.runtime import open_session, session_options
+
+    for name, bundle in bundles.items():
+        size = min(batch_size, VOLUME_BATCH) if bundle.preprocessing["kind"] == "ct_volume" else batch_size
+        x = _batch(bundle, size)
+        own = session_options()
+        own.add_session_config_entry("session.use_env_allocators", "0")
+        sessions = {"shared": open_session(bundle.onnx_path),
+                    "own": ort.InferenceSession(str(bundle.onnx_path), sess_options=own,
+                                                providers=["CPUExecutionProvider"])}
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        seconds = dict.fromkeys(sessions, 0.0)
+        for k, s in sessions.items():
+            s.run(None, feeds[k])  # warm-up
+        for _ in range(5):
+            for k, s in sessions.items():
+                started = time.perf_counter()
+                s.run(None, feeds[k])
+                seconds[k] += time.perf_counter() - started
+        print(f"arena  {name:26s} shared arena {5 * size / seconds['shared']:7.1f} inputs/s, own arena "
+              f"{5 * size / seconds['own']:7.1f}: shared/own {seconds['own'] / seconds['shared']:.2f}", flush=True)
 
 
 def tf_rates(bundles, batch_size: int, ort: dict[str, float]) -> None:
@@ -354,6 +426,10 @@ def main() -> None:
         night(bundles, rates, work, args.workers)
     if "flow" in args.only:
         flow_vs_bare(work, args.exports, args.model, args.workers)
+    if "workers" in args.only:
+        workers_compare(bundles, work, args.workers)
+    if "arena" in args.only:
+        arena_rates(bundles, args.batch_size)
     if "rss" in args.only:
         rss(work, args.exports, args.model, args.workers, sorted(args.sizes))
 

@@ -72,9 +72,13 @@ def file_kind(path: Path) -> str | None:
 def open_image(path: Path):
     """``Image.open`` restricted to the formats ``path``'s suffix may hold (see IMAGE_FORMATS); the
     header is parsed, no pixel is decoded."""
+    import warnings
+
     from PIL import Image
 
-    return Image.open(path, formats=IMAGE_FORMATS.get(Path(path).suffix.lower(), _COMMON_FORMATS))
+    with warnings.catch_warnings():  # the callers enforce their own, lower pixel limits from the header
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path, formats=IMAGE_FORMATS.get(Path(path).suffix.lower(), _COMMON_FORMATS))
 
 
 def bits_per_sample(img) -> int:

@@ -3,7 +3,8 @@
 Each item is decoded once (``decode.decode``) and prepared once per preprocessing signature, in a
 pool of worker threads, while the calling thread runs inference; as in nnU-Net's predictor, the
 two overlap. Threads, not processes: decoding spends its time in zlib, Pillow, pydicom's NumPy
-and SciPy, which release the GIL, and a thread hands its arrays over without pickling them.
+and SciPy, which release the GIL, and a thread hands its arrays over without pickling them
+(``scripts/bench_night.py --only workers``: a process pool of the same size takes 1.10x the time).
 Memory stays flat however many files a night holds: at most ``prefetch`` decoded items wait for
 inference (a bounded window of futures, consumed in order), and each model's batch buffer holds
 at most one batch beyond the last item added.

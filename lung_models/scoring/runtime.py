@@ -42,7 +42,7 @@ def _shared_cpu_arena(ort) -> bool:
     """Register one CPU memory arena for every session of this process (once). A session's own arena
     keeps the largest working set it ever needed until the session closes, so a night with eight models
     held the sum of eight peaks (2.3 GiB over the bad-input corpus); sharing one arena holds about the
-    largest (1.6 GiB), at the same speed or faster (see README, Benchmarks). Without it, sessions keep their own."""
+    largest (1.6 GiB), at the same speed (see README, Benchmarks). Without it, sessions keep their own."""
     global _arena_registered
     with _arena_lock:
         if _arena_registered is None:
