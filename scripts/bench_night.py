@@ -169,6 +169,7 @@ def tf_rates(bundles, batch_size: int, ort: dict[str, float]) -> None:
     import tensorflow as tf
 
     from lung_models.scoring.pipeline import VOLUME_BATCH
+    from lung_models.training import load_checkpoint
 
     for name, bundle in bundles.items():
         path = bundle.path / "model.keras"
@@ -176,7 +177,7 @@ def tf_rates(bundles, batch_size: int, ort: dict[str, float]) -> None:
             print(f"tf     {name:26s} no model.keras in the bundle: skipped")
             continue
         try:
-            model = keras.models.load_model(path, compile=False)
+            model = load_checkpoint(path)  # registers the project's custom model classes first
         except Exception as exc:  # noqa: BLE001 - a model that does not load here is reported, not fatal
             print(f"tf     {name:26s} does not load in this process ({type(exc).__name__}): skipped")
             continue
