@@ -146,6 +146,17 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
     typer.echo(f"scores CSV:     {report}")
     typer.echo(f"cumulative CSV: {Path(report).with_name('scores-cumulative.csv')}")
     typer.echo(f"wall time:      {time.perf_counter() - started:.0f} s")
+    typer.echo(f"peak memory:    {peak_memory_line()}")
+
+
+def peak_memory_line() -> str:
+    """This process's peak resident set, and the largest of its finished child processes' (Prefect's
+    temporary server, converters): what GNU time's maximum resident set would report, less the install."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return f"{own:.1f} GiB resident at most (largest child process: {child:.1f} GiB)"
 
 
 if __name__ == "__main__":

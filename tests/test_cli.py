@@ -43,3 +43,14 @@ def test_demo_summary_says_why_a_model_misses_the_demo_target():
     passed = summary_rows("chest-ensemble", _card(DEMO_TARGET, "from chest-cnn", {"summary": "chose plain_average"}))
     assert len(passed) == 2 and passed[1].endswith("^ chose plain_average")
     assert len(summary_rows("lc25000-cnn", _card(0.99, "random initialisation (trained from scratch)"))) == 1
+
+
+def test_the_demo_reports_its_peak_memory_as_getrusage_measures_it():
+    import resource
+
+    from flows.cli import peak_memory_line
+
+    line = peak_memory_line()
+    own = float(line.split(" GiB")[0])
+    assert own == round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1) and own > 0
+    assert "largest child process" in line
