@@ -120,7 +120,8 @@ def export_model(model_name: str, prepared: str, trained: dict[str, Any], metric
              "confusion_matrix.png": run / "confusion_matrix.png", "model.keras": Path(trained["checkpoint"])}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
-                                  progress=say, test_y=y_test, calib_x=x_train)
+                                  progress=say, test_y=y_test, calib_x=x_train,
+                                  checkpoint=Path(trained["checkpoint"]))
     del model
     release_tensorflow_memory()
     return str(bundle)
