@@ -16,6 +16,8 @@ Sections:
          (goal: 10,000 <= 1.2x of 1,000);
   workers decoding and preparing the night folder's scans for every model in a pool of threads against a
          pool of processes of the same size (the arrays travel back to the parent, as the scorer needs them);
+  volume a 512x512x120 int16 .nii.gz: the bare read of its voxels against the scorer's whole decode
+         (read, HU, check, reorient) plus the 3-D model's preprocessing (goal: <= 1.3x the bare read);
   arena  per model, the scorer's sessions (one CPU arena shared by the process) against sessions with an
          arena of their own, alternating on the same batch in this one process.
 """
@@ -39,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-SECTIONS = ("raw", "tf", "night", "flow", "rss", "arena", "workers")
+SECTIONS = ("raw", "tf", "night", "flow", "rss", "arena", "workers", "volume")
 
 
 def _bundles(exports: str, names: list[str] | None = None):
@@ -135,6 +137,38 @@ def workers_compare(bundles, work: Path, workers: int | None) -> None:
               f"{results[kind]:.2f} s ({ready - started:.1f} s for the first pass, start-up "
               f"included); {sum(isinstance(x, str) for o in out for x in o)} refused", flush=True)
     print(f"workers processes take {results['process'] / results['thread']:.2f}x the time of threads", flush=True)
+
+
+def volume_read(bundles, work: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from lung_models.scoring import decode, discover
+
+    volume_bundles = [b for b in bundles.values() if b.preprocessing["kind"] == "ct_volume"]
+    if not volume_bundles:
+        print("volume no 3-D bundle: skipped")
+        return
+    folder = work / "volume-in"
+    path = folder / "ct_512x512x120.nii.gz"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        data = (rng.normal(-600, 300, (512, 512, 120)).clip(-1024, 1500)).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
+    item = discover(folder).items[0]
+    params = volume_bundles[0].preprocessing
+    bare, full = [], []
+    for _ in range(3):  # alternating, so both see the same machine
+        started = time.perf_counter()
+        np.asanyarray(nib.load(str(path)).dataobj)
+        bare.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        decode.prepare(decode.decode(item, folder), params)
+        full.append(time.perf_counter() - started)
+    b, f = min(bare), min(full)
+    print(f"volume 512x512x120 int16 .nii.gz: bare read {b:.2f} s, decode + 3-D preprocessing {f:.2f} s: "
+          f"ratio {f / b:.2f} (goal <= 1.3)", flush=True)
 
 
 def arena_rates(bundles, batch_size: int) -> None:
@@ -429,6 +463,8 @@ def main() -> None:
         flow_vs_bare(work, args.exports, args.model, args.workers)
     if "workers" in args.only:
         workers_compare(bundles, work, args.workers)
+    if "volume" in args.only:
+        volume_read(bundles, work)
     if "arena" in args.only:
         arena_rates(bundles, args.batch_size)
     if "rss" in args.only:

@@ -221,7 +221,9 @@ def read_nifti_hu(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
         # one float32 copy from that view, so a volume costs its stored bytes plus one float32 copy.
         proxy = img.dataobj
         raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
-        data = np.array(nib.orientations.apply_orientation(raw, ornt), dtype=np.float32, order="C")
+        # order "K": NIfTI voxels are stored Fortran-ordered; forcing C order would add a transpose
+        # (a quarter of a second on a 512x512x120 volume), and nothing downstream needs it.
+        data = np.array(nib.orientations.apply_orientation(raw, ornt), dtype=np.float32, order="K")
         del raw
         slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
         if slope != 1.0:
