@@ -17,7 +17,9 @@ import typer
 from lung_models.scoring.items import DEFAULT_SETTLE_SECONDS
 from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT
 
-DEMO_TARGET = 0.95  # test accuracy on generated data that shows a model's chain learns
+# A model trained from scratch in the demo has shown that it learns when the lower end of the 95%
+# Wilson interval of its test accuracy is at least this (chance is 0.25-0.5 for these tasks).
+DEMO_LEARNED_BOUND = 0.75
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, export and serve the documented lung-imaging models.")
@@ -91,21 +93,25 @@ def score(input_dir: str, output_dir: str,
 
 
 def summary_rows(name: str, card: dict) -> list[str]:
-    """The demo summary's lines for one bundle: its metrics row, then why it misses the demo target
-    (random backbone, or too little demo data and too few epochs) and any ensemble choice."""
+    """The demo summary's lines for one bundle: its metrics row, then whether it was a smoke run (a
+    pretrained backbone that cannot be had offline) or a from-scratch model that did or did not show
+    it learns, and any ensemble choice and int8 verdict."""
     m = card["metrics"]
     lo, hi = m["accuracy_ci95_wilson"]
     cells = [f"{m['splits'][s]['accuracy']:.3f}/{m['splits'][s]['loss']:.3f}" for s in ("train", "val", "test")]
     rows = [f"{name:26s} {cells[0]:>15s} {cells[1]:>15s} {cells[2]:>15s}  {lo:.3f}-{hi:.3f} (n={m['n']})"]
-    if card["weights_init"].startswith("RANDOM"):
-        rows.append(f"{'':26s} ^ {card['weights_init']}")
-        if m["accuracy"] < DEMO_TARGET:
-            rows.append(f"{'':26s} ^ below the {DEMO_TARGET:.2f} demo target, as expected without the pretrained "
-                        "weights: a randomly initialised backbone, frozen or fine-tuned for a few CPU minutes, "
-                        "cannot learn this task in the demo")
-    elif m["accuracy"] < DEMO_TARGET:
-        rows.append(f"{'':26s} ^ BELOW the {DEMO_TARGET:.2f} demo target: the demo profile's data and epochs were "
-                    "not enough for this chain to reach it on the generated task")
+    recipe = card["training"].get("recipe") or {}
+    if recipe.get("smoke_run"):
+        rows.append(f"{'':26s} ^ SMOKE RUN: {card['weights_init']}; {recipe.get('epochs')} epoch(s) on a few "
+                    "images prove the chain (data, training, ONNX, int8, scoring), not the model")
+    elif lo >= DEMO_LEARNED_BOUND:
+        rows.append(f"{'':26s} ^ learned: test accuracy's 95% lower bound {lo:.3f} >= {DEMO_LEARNED_BOUND:.2f}")
+    else:
+        rows.append(f"{'':26s} ^ DID NOT SHOW LEARNING: test accuracy's 95% lower bound {lo:.3f} < "
+                    f"{DEMO_LEARNED_BOUND:.2f} (n={m['n']})")
+    if recipe.get("input_shape"):
+        rows.append(f"{'':26s} ^ trained at {'x'.join(str(v) for v in recipe['input_shape'])} input (demo "
+                    "profile; the full profile trains at the documented size)")
     choice = (card["training"].get("finalize") or {}).get("summary")
     if choice:
         rows.append(f"{'':26s} ^ {choice}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from lung_models import registry
+from tasks.common import model_process
 from tasks.data import fetch_data, preprocess_data
 from tasks.training import evaluate_model, export_model, train_model
 
@@ -28,14 +29,17 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
     names = registry.training_order(models or registry.names())
     bundles, checkpoints = {}, {}
     for name in names:
-        shape = (input_shape or {}).get(name)
+        shape = (input_shape or {}).get(name) or registry.get(name).spec.recipe_for(profile).input_shape
+        shape = list(shape) if shape else None
         data = fetch_data(name, source, profile, work_dir, data_dir, seed)
         prepared = preprocess_data(name, data["root"], work_dir, max_per_class, shape, profile)
         model_weights = weights.get(name) if isinstance(weights, dict) else weights
         overrides = {"epochs": epochs, "batch_size": batch_size, "weights": model_weights}
         parts = {dep: checkpoints[dep] for dep in registry.get(name).spec.depends_on}
-        trained = train_model(name, prepared, work_dir, profile, overrides, seed, shape, parts)
-        checkpoints[name] = trained["checkpoint"]
-        metrics = evaluate_model(name, prepared, trained)
-        bundles[name] = export_model(name, prepared, trained, metrics, data, exports_dir)
+        # TensorFlow's share of the memory is given back when the model's own process ends.
+        with model_process(name):
+            trained = train_model(name, prepared, work_dir, profile, overrides, seed, shape, parts)
+            checkpoints[name] = trained["checkpoint"]
+            metrics = evaluate_model(name, prepared, trained)
+            bundles[name] = export_model(name, prepared, trained, metrics, data, exports_dir)
     return bundles

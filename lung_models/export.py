@@ -172,7 +172,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
             from lung_models import quantize
 
             progress(f"{spec.name}: int8 variant (static QDQ, per channel, calibrated on "
-                     f"{min(len(calib_x), quantize.CALIBRATION_ITEMS)} training items)")
+                     f"{quantize.calibration_count(len(calib_x), tuple(calib_x.shape[1:]))} training items)")
             int8 = quantize.int8_variant(onnx_path, staging / quantize.INT8_ONNX, calib_x=calib_x, test_x=test_x,
                                          test_y=test_y, params=params, open_session=ort_session)
             progress(f"{spec.name}: int8 {'usable' if int8['usable'] else 'not used'}: {int8['reason']}")

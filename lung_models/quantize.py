@@ -24,7 +24,18 @@ log = logging.getLogger(__name__)
 
 INT8_ONNX = "model.int8.onnx"
 MAX_ACCURACY_DROP = 0.01  # one point of test accuracy
-CALIBRATION_ITEMS = 64  # training images the activation ranges are calibrated on
+CALIBRATION_ITEMS = 64  # training images the activation ranges are calibrated on, at most
+# onnxruntime's MinMax calibrator keeps every intermediate activation of every calibration batch
+# until it has seen them all (its option to bound that, CalibMaxIntermediateOutputs, drops data in
+# 1.31), so memory grows with items x voxels: 64 volumes of 128x128x64 took 22 GiB. Items are
+# capped so that their input values stay within what 64 images of 224x224x3 hold.
+CALIBRATION_VALUES = 64 * 224 * 224 * 3
+
+
+def calibration_count(available: int, item_shape: tuple[int, ...]) -> int:
+    """How many training items to calibrate on: at most CALIBRATION_ITEMS, within CALIBRATION_VALUES."""
+    values = max(int(np.prod(item_shape)), 1)
+    return max(1, min(available, CALIBRATION_ITEMS, CALIBRATION_VALUES // values))
 TIMING_ROUNDS = 5
 TIMING_BATCH = 8
 
@@ -85,7 +96,8 @@ def int8_variant(fp32_path: Path, out_path: Path, *, calib_x: np.ndarray, test_x
                              "activations": "uint8", "calibration": {"split": "train", "items": 0,
                                                                      "method": "MinMax"}}
     # Spread over the split (it may be stored class by class), read from a memory map item by item.
-    picks = np.unique(np.linspace(0, len(calib_x) - 1, min(len(calib_x), CALIBRATION_ITEMS)).astype(np.int64))
+    count = calibration_count(len(calib_x), tuple(calib_x.shape[1:]))
+    picks = np.unique(np.linspace(0, len(calib_x) - 1, count).astype(np.int64))
     calib = np.asarray(calib_x[picks])
     entry["calibration"]["items"] = int(len(calib))
     try:

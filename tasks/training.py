@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from lung_models import evaluation, export, preprocess, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
-from tasks.common import say
+from tasks.common import in_model_process, say
 
 
 def release_tensorflow_memory() -> None:
@@ -41,6 +41,11 @@ def run_dir(work_dir: str, model_name: str) -> Path:
 def train_model(model_name: str, prepared: str, work_dir: str, profile: str = "full",
                 overrides: dict[str, Any] | None = None, seed: int = 1337,
                 input_shape: list[int] | None = None, parts: dict[str, str] | None = None) -> dict[str, Any]:
+    return in_model_process(_train, model_name, prepared, work_dir, profile, overrides, seed, input_shape, parts)
+
+
+def _train(model_name: str, prepared: str, work_dir: str, profile: str, overrides: dict[str, Any] | None,
+           seed: int, input_shape: list[int] | None, parts: dict[str, str] | None) -> dict[str, Any]:
     entry = registry.get(model_name)
     recipe = entry.spec.recipe_for(profile, **(overrides or {}))
     result = training.train(entry.spec, entry.build, PreparedData(Path(prepared)), recipe,
@@ -60,6 +65,20 @@ def predict_split(fn, x: np.ndarray, params: dict[str, Any], batch_size: int = 1
 @task(name="evaluate-model")
 def evaluate_model(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
     """Metrics on the held-out test split (and accuracy/loss on every split), plots, split manifest."""
+    path = in_model_process(_evaluate, model_name, prepared, trained)
+    metrics = json.loads(Path(path).read_text())
+    splits = metrics["splits"]
+    lo, hi = metrics["accuracy_ci95_wilson"]
+    create_table_artifact(
+        key=f"metrics-{model_name}",
+        table=[{"split": s, **v} for s, v in splits.items()]
+        + [{"split": f"test/{c}", **{k: round(v, 4) for k, v in m.items()}} for c, m in metrics["per_class"].items()],
+        description=f"{model_name}: accuracy and loss per split, per-class test metrics "
+                    f"(test accuracy 95% Wilson CI {lo:.3f}-{hi:.3f})")
+    return path
+
+
+def _evaluate(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
     from sklearn.metrics import log_loss
 
     spec = registry.get(model_name).spec
@@ -90,18 +109,17 @@ def evaluate_model(model_name: str, prepared: str, trained: dict[str, Any]) -> s
     lo, hi = metrics["accuracy_ci95_wilson"]
     say(f"{model_name}: test accuracy {metrics['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={metrics['n']}), "
         f"ROC AUC {metrics['roc_auc'] if metrics['roc_auc'] is None else round(metrics['roc_auc'], 3)}")
-    create_table_artifact(
-        key=f"metrics-{model_name}",
-        table=[{"split": s, **v} for s, v in splits.items()]
-        + [{"split": f"test/{c}", **{k: round(v, 4) for k, v in m.items()}} for c, m in metrics["per_class"].items()],
-        description=f"{model_name}: accuracy and loss per split, per-class test metrics "
-                    f"(test accuracy 95% Wilson CI {lo:.3f}-{hi:.3f})")
     return str(out / "metrics.json")
 
 
 @task(name="export-model")
 def export_model(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
                  data_info: dict[str, Any], exports_dir: str) -> str:
+    return in_model_process(_export, model_name, prepared, trained, metrics_path, data_info, exports_dir)
+
+
+def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
+            data_info: dict[str, Any], exports_dir: str) -> str:
     spec = registry.get(model_name).spec
     data = PreparedData(Path(prepared))
     x_test, y_test = data.arrays("test")
@@ -115,12 +133,18 @@ def export_model(model_name: str, prepared: str, trained: dict[str, Any], metric
         | {"finalize": json.loads(Path(trained["history"]).read_text()).get("finalize") or None},
         "weights_init": trained["weights_init"],
     }
+    smoke = bool(trained["recipe"].get("smoke_run"))
+    if smoke:
+        # The int8 gate compares accuracies; at chance level (a random backbone) it would pass a
+        # variant without having measured anything.
+        card_extra["int8"] = {"file": None, "usable": False,
+                              "reason": "not made in a smoke run (accuracy at chance: nothing for the gate to check)"}
     files = {"metrics.json": run / "metrics.json", "split_manifest.json": run / "split_manifest.json",
              "history.json": Path(trained["history"]), "training_curves.png": run / "training_curves.png",
              "confusion_matrix.png": run / "confusion_matrix.png", "model.keras": Path(trained["checkpoint"])}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
-                                  progress=say, test_y=y_test, calib_x=x_train,
+                                  progress=say, test_y=y_test, calib_x=None if smoke else x_train,
                                   checkpoint=Path(trained["checkpoint"]))
     del model
     release_tensorflow_memory()

@@ -24,6 +24,16 @@ def test_the_gate_refuses_a_variant_that_loses_accuracy_or_is_not_faster():
     assert not quantize.gate(0.90, 0.90, 1.0)[0]
 
 
+def test_calibration_items_are_capped_by_their_input_values():
+    # 2-D images at the documented sizes keep all 64 items; a documented MosMed volume (1 Mi
+    # voxels, whose 64 items took 22 GiB to calibrate) gets 9, a demo-size one 49.
+    assert quantize.calibration_count(900, (224, 224, 3)) == 64
+    assert quantize.calibration_count(10, (299, 299, 3)) == 10
+    assert quantize.calibration_count(300, (128, 128, 64, 1)) == 9
+    assert quantize.calibration_count(300, (64, 64, 48, 1)) == 49
+    assert quantize.calibration_count(300, (1024, 1024, 512, 1)) == 1
+
+
 def test_a_graph_the_quantizer_cannot_read_leaves_the_bundle_fp32_only(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not an onnx graph")
