@@ -133,11 +133,11 @@ REGISTRY: dict[str, RegisteredModel] = {}
 
 # One module per documented model family; importing it registers its models.
 FAMILY_MODULES = (
-    "lung_models.lc25000_cnn",
-    "lung_models.mosmed_3dcnn",
-    "lung_models.chest_ct",
-    "lung_models.ct_inception_hub",
-    "lung_models.lc25000_inception",
+    "lung_models.models.lc25000_cnn",
+    "lung_models.models.mosmed_3dcnn",
+    "lung_models.models.chest_ct",
+    "lung_models.models.ct_inception_hub",
+    "lung_models.models.lc25000_inception",
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lung_models.pretrained import PRETRAINED, keras_application
+from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
 
 CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lung_models import pretrained, registry
+from lung_models import registry
 from lung_models.data import datasets
+from lung_models.models import pretrained
 
 
 def _png(path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from lung_models.pretrained import PRETRAINED, resolve_tfhub
+from lung_models.models.pretrained import PRETRAINED, resolve_tfhub
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
 
 HANDLE = "https://www.kaggle.com/models/google/inception-v3/TensorFlow2/feature-vector/2"

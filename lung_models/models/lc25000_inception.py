@@ -4,8 +4,8 @@ Detection Using Transfer Learning")."""
 
 from __future__ import annotations
 
-from lung_models.lc25000_cnn import LC25000_KAGGLE
-from lung_models.pretrained import PRETRAINED, keras_application
+from lung_models.models.lc25000_cnn import LC25000_KAGGLE
+from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.registry import HISTOLOGY_TILE, DatasetSpec, ModelSpec, TrainingRecipe, register
 
 SPEC = ModelSpec(
