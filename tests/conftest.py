@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LUNG_FACTORY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses ``factory`` trains and exports every registered model (once a session): that
+    is what the ``slow`` marker names, so ``-m "not slow"`` leaves those tests out."""
+    for item in items:
+        if "factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real sample images beside the repo (../shared/data); tests that need them skip without."""
