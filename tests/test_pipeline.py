@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from conftest import TEST_INPUT
 
 from lung_models import registry
 from lung_models.bundle import LATEST, BundleError, latest_bundles, load_bundle
@@ -23,7 +22,11 @@ from lung_models.fileutil import sha256_file
 
 
 def test_every_registered_model_has_test_settings():
-    assert set(TEST_INPUT) == set(registry.names())
+    for name in registry.names():
+        spec = registry.get(name).spec
+        assert len(spec.test_input_shape) == len(spec.input_shape), name
+        assert spec.test_input_shape[-1] == spec.input_shape[-1], name  # same channels
+        assert all(t <= d for t, d in zip(spec.test_input_shape, spec.input_shape)), name
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -40,7 +43,7 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
     assert card["model"]["class_names"] == list(registry.get(name).spec.class_names)
     assert card["training"]["device"] in ("CPU",) or card["training"]["device"].startswith("GPU")
     assert card["data"]["provenance"]["kind"] == "local"
-    assert card["input"]["shape"][1:] == TEST_INPUT[name]
+    assert card["input"]["shape"][1:] == list(registry.get(name).spec.test_input_shape)
     metrics = card["metrics"]
     assert 0 <= metrics["accuracy_ci95_wilson"][0] <= metrics["accuracy"] <= metrics["accuracy_ci95_wilson"][1]
     assert set(metrics["per_class"]) == set(card["model"]["class_names"])

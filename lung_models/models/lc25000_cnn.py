@@ -19,6 +19,7 @@ SPEC = ModelSpec(
     documented_by="Sub-classifying Lung Cancer with TensorFlow 2 and Keras (S. Fuke, GitHub)",
     modality=HISTOLOGY_TILE,
     input_shape=(256, 256, 3),
+    test_input_shape=(64, 64, 3),
     class_names=("lung_aca", "lung_scc"),
     output="sigmoid",
     preprocessing={"kind": "rgb_image", "size": [256, 256], "scale": 1 / 255, "layout": "NHWC"},

@@ -14,6 +14,7 @@ SPEC = ModelSpec(
     documented_by="Lung Cancer Detection Using Transfer Learning (GeeksforGeeks)",
     modality=HISTOLOGY_TILE,
     input_shape=(256, 256, 3),
+    test_input_shape=(80, 80, 3),  # InceptionV3 needs at least 75 pixels a side
     class_names=("lung_n", "lung_aca", "lung_scc"),
     output="softmax",
     # The write-up feeds resized 0-255 pixels straight into InceptionV3; so do we.

@@ -13,6 +13,7 @@ SPEC = ModelSpec(
     documented_by="Keras example: 3D image classification from CT scans (H. Zunair)",
     modality=CT_VOLUME,
     input_shape=(128, 128, 64, 1),
+    test_input_shape=(48, 48, 48, 1),  # four conv/pool blocks need at least 46 voxels a side
     class_names=("normal", "abnormal"),
     output="sigmoid",
     preprocessing={
