@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lung_models.models.blocks import augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
 
@@ -88,15 +89,6 @@ CHAINED_SPEC = _spec("chest-chained", "ResNet50 features chained into the custom
                      pretrained=RESNET)
 
 
-def _augment_and_rescale(inputs):
-    from keras import layers
-
-    x = layers.RandomFlip("horizontal", name="augment_flip")(inputs)
-    x = layers.RandomRotation(0.1, name="augment_rotation")(x)
-    x = layers.RandomZoom(0.1, name="augment_zoom")(x)
-    return layers.Rescaling(1 / 255, name="rescale")(x)
-
-
 def _resnet_features(spec: ModelSpec, input_shape, weights: str):
     """Input → augmentation → rescale → frozen ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
     import keras
@@ -106,7 +98,7 @@ def _resnet_features(spec: ModelSpec, input_shape, weights: str):
     base = keras_application(keras.applications.ResNet50, weights, include_top=False, pooling="max",
                              input_shape=tuple(input_shape or spec.input_shape))
     base.trainable = False
-    x = base(_augment_and_rescale(inputs), training=False)
+    x = base(rescale(augmentation(inputs)), training=False)
     x = layers.BatchNormalization(name="head_bn")(x)
     x = layers.Dense(256, activation="relu", name="head_dense")(x)
     x = layers.Dropout(0.25, name="head_dropout")(x)
@@ -136,7 +128,7 @@ def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None):
     from keras import layers
 
     inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
-    x = _augment_and_rescale(inputs)
+    x = rescale(augmentation(inputs))
     for filters in CNN_FILTERS:
         x = layers.Conv2D(filters, 3, activation="relu", kernel_initializer="he_normal")(x)
         x = layers.MaxPooling2D()(x)

@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from lung_models.models.blocks import ChannelNormalization, HubFeatures, augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, resolve_tfhub
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
 
@@ -51,70 +52,13 @@ SPEC = ModelSpec(
 )
 
 
-@keras.saving.register_keras_serializable(package="lung_models")
-class ChannelNormalization(keras.layers.Layer):
-    """``(x - mean) / sqrt(variance)`` per channel, with the statistics of the training images.
-
-    Same arithmetic as an adapted ``keras.layers.Normalization``, but the statistics are layer
-    weights (variables): Keras' own layer keeps them as captured constants, which tf2onnx turns
-    into extra graph inputs instead of folding them into the ONNX file.
-    """
-
-    def __init__(self, channels: int = 3, **kwargs):
-        super().__init__(**kwargs)
-        self.channels = channels
-        self.mean = self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name="mean")
-        self.variance = self.add_weight(shape=(channels,), initializer="ones", trainable=False, name="variance")
-
-    def adapt(self, images: np.ndarray) -> None:
-        flat = np.asarray(images, dtype="float64").reshape(-1, self.channels)
-        self.mean.assign(flat.mean(axis=0).astype("float32"))
-        self.variance.assign(flat.var(axis=0).astype("float32"))
-
-    def call(self, inputs):
-        return (inputs - self.mean) / keras.ops.sqrt(keras.ops.maximum(self.variance, 1e-7))
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
-
-@keras.saving.register_keras_serializable(package="lung_models")
-class HubFeatures(keras.layers.TFSMLayer):
-    """A TF-Hub image feature-vector module as a trainable Keras 3 layer.
-
-    Uses the module's ``serving_default`` signature when it has one, else its ``__call__``, and
-    renames the variables' paths: TF1-style names end in ``:0``, and Keras optimisers build slot
-    variable names from the path, which may not contain ``:``.
-    """
-
-    def __init__(self, filepath: str, **kwargs):
-        import tensorflow as tf
-
-        endpoint = kwargs.pop("call_endpoint", None)
-        if endpoint is None:
-            endpoint = "serving_default" if "serving_default" in tf.saved_model.load(filepath).signatures \
-                else "__call__"
-        super().__init__(filepath, call_endpoint=endpoint, **kwargs)
-        for variable in self.weights:
-            variable._path = variable.path.replace(":", "_")
-
-    def call(self, inputs, training=False, **kwargs):
-        out = super().call(inputs, training=training, **kwargs)
-        if isinstance(out, dict):  # a signature returns {name: tensor}
-            (out,) = out.values()
-        return out
-
-
 @register(SPEC)
 def build(spec: ModelSpec = SPEC, input_shape=None, weights: str = PRETRAINED, adapt_x: np.ndarray | None = None):
     from keras import layers
 
     shape = tuple(input_shape or spec.input_shape)
     inputs = keras.Input(shape, name="image")
-    x = layers.Rescaling(1 / 255, name="rescale")(inputs)
-    x = layers.RandomFlip("horizontal_and_vertical", name="augment_flip")(x)
-    x = layers.RandomRotation(0.7, name="augment_rotation")(x)
-    x = layers.RandomZoom(0.0, 0.2, name="augment_zoom")(x)
+    x = augmentation(rescale(inputs), flip="horizontal_and_vertical", rotation=0.7, zoom=0.0, zoom_width=0.2)
     norm = ChannelNormalization(shape[-1], name="normalize")
     if adapt_x is not None:  # statistics of the training images, after rescaling, as documented
         norm.adapt(np.asarray(adapt_x, dtype="float32") / 255.0)
