@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lung_models.data.catalog import DatasetSpec
+
 # Modalities, and which incoming files each one scores.
 HISTOLOGY_TILE = "histology_tile"
 CT_SLICE = "ct_slice"
@@ -26,24 +28,6 @@ MODALITIES = (HISTOLOGY_TILE, CT_SLICE, CT_VOLUME)
 # starts near -1000 HU and is about 2200 HU wide (so do most generated slices). Recorded in each
 # 2-D CT model's preprocessing, hence in its bundle.
 CT_SLICE_WINDOW = {"center": 100.0, "width": 2200.0}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A data set, its documented folder layout and where it can come from.
-
-    ``layout`` maps each class name to the name of the folder that holds that class's files
-    somewhere under the data set's root (searched recursively, so the archive's own top-level
-    folders do not matter). ``sources`` maps a source kind (``generated``, ``url``, ``kaggle``,
-    ``local``) to that source's configuration.
-    """
-
-    name: str
-    layout: dict[str, str]
-    sources: dict[str, dict[str, Any]]
-    file_suffixes: tuple[str, ...]
-    split: dict[str, Any]
-    citation: str = ""
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from lung_models import preprocess
+from lung_models.data.catalog import DatasetSpec
 from lung_models.data.readers import READER_VERSION, InputError, read_nifti_hu, read_rgb_image
 from lung_models.fileutil import atomic_write_json, sha256_bytes, sha256_file
-from lung_models.registry import DatasetSpec, ModelSpec
+from lung_models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -20,23 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from lung_models.data.catalog import CHEST_CT
 from lung_models.models.blocks import augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, keras_application
-from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
-CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
-
-DATASET = DatasetSpec(
-    name="Chest CT-Scan images (Kaggle mohamedhanyyy/chest-ctscan-images)",
-    # train/valid folders carry TNM suffixes, test uses the short names: match by prefix.
-    layout={"adenocarcinoma": "adenocarcinoma*", "large.cell.carcinoma": "large.cell.carcinoma*",
-            "normal": "normal*", "squamous.cell.carcinoma": "squamous.cell.carcinoma*"},
-    sources={"generated": {"kind": "chest_ct"}, "kaggle": {"slug": "mohamedhanyyy/chest-ctscan-images"}},
-    file_suffixes=(".png", ".jpg", ".jpeg"),
-    # The data set ships its own splits; a copy without a test folder gets one carved from train.
-    split={"folders": {"train": "train", "val": "valid", "test": "test"}, "seed": 1337,
-           "carve": {"val": 0.1, "test": 0.2}},
-)
 PREPROCESSING = {"kind": "rgb_image", "size": [224, 224], "scale": 1.0,
                  "layout": "NHWC, RGB 0-255 (the model rescales)", "ct_window": CT_SLICE_WINDOW}
 RECIPE = TrainingRecipe(
@@ -73,11 +61,11 @@ def _spec(name: str, title: str, documented: float, demo: dict[str, Any] = DEMO_
         name=name, title=title,
         documented_by="Medical Image Classification with CNNs: pre-trained and custom models "
                       "evaluated individually, as an ensemble, and chained",
-        modality=CT_SLICE, input_shape=(224, 224, 3), class_names=CLASSES, output="softmax",
+        modality=CT_SLICE, input_shape=(224, 224, 3), class_names=CHEST_CT.classes, output="softmax",
         # The CNN's five conv/pool blocks need 94 pixels a side; the family shares one size because
         # the ensemble holds both submodels.
         test_input_shape=(96, 96, 3),
-        preprocessing=PREPROCESSING, dataset=DATASET, recipe=RECIPE, profiles={"demo": dict(demo)},
+        preprocessing=PREPROCESSING, dataset=CHEST_CT, recipe=RECIPE, profiles={"demo": dict(demo)},
         documented_metrics={"test_accuracy": documented}, **extra)
 
 

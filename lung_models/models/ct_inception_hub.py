@@ -14,9 +14,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from lung_models.data.catalog import CT_CANCER
 from lung_models.models.blocks import ChannelNormalization, HubFeatures, augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, resolve_tfhub
-from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
 HANDLE = "https://www.kaggle.com/models/google/inception-v3/TensorFlow2/feature-vector/2"
 
@@ -27,18 +28,11 @@ SPEC = ModelSpec(
     modality=CT_SLICE,
     input_shape=(299, 299, 3),
     test_input_shape=(64, 64, 3),  # the tests fine-tune a tiny stand-in module that takes any size
-    class_names=("Cancerous", "Non-Cancerous"),
+    class_names=CT_CANCER.classes,
     output="logits",
     preprocessing={"kind": "rgb_image", "size": [299, 299], "scale": 1.0,
                    "layout": "NHWC, RGB 0-255 (the model rescales and normalises)", "ct_window": CT_SLICE_WINDOW},
-    dataset=DatasetSpec(
-        name="Lung CT-Scan images (Kaggle orvile/ct-scan-images)",
-        layout={"Cancerous": "Cancerous", "Non-Cancerous": "Non-Cancerous"},
-        sources={"generated": {"kind": "ct_cancer"}, "kaggle": {"slug": "orvile/ct-scan-images"}},
-        file_suffixes=(".png", ".jpg", ".jpeg", ".bmp"),
-        # Documented: 30% held out (random_state 42), 30% of that as test: about 70/21/9.
-        split={"train": 0.70, "val": 0.21, "test": 0.09, "seed": 42},
-    ),
+    dataset=CT_CANCER,
     recipe=TrainingRecipe(
         epochs=1000, batch_size=16, loss="categorical_focal_crossentropy", optimizer="lion",
         learning_rate=1e-4, loss_options={"alpha": "balanced", "gamma": 2.0, "from_logits": True},

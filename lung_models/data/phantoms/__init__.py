@@ -28,25 +28,18 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from lung_models.data import catalog
 from lung_models.fileutil import atomic_write_bytes
 
-LC25000_CLASSES = ("lung_aca", "lung_scc", "lung_n")
-MOSMED_CLASSES = ("normal", "abnormal")
-# MosMedData keeps each severity grade in its own folder; the Keras 3D-CT example uses CT-0 (no
-# findings) as normal and CT-23 (grades 2-3) as abnormal, so those are the two folders we mimic.
-MOSMED_FOLDERS = {"normal": "CT-0", "abnormal": "CT-23"}
-# Kaggle "chest-ctscan-images", sorted as image_dataset_from_directory sorts its class folders. Its
-# train and valid folders carry the site and TNM stage in the name; its test folders do not.
-CHEST_CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
-CHEST_FOLDERS = {
-    "adenocarcinoma": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib",
-    "large.cell.carcinoma": "large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa",
-    "normal": "normal",
-    "squamous.cell.carcinoma": "squamous.cell.carcinoma_left.hilum_T1_N2_M0_IIIa",
-}
-# Kaggle "Lung CT-Scan images" (orvile/ct-scan-images): any of the three cancers, or none.
-CANCER_CLASSES = ("Cancerous", "Non-Cancerous")
-CT_CANCER_FOLDERS = ("CT-Scan images", "CT-Scan images", "CT-Scan Images")
+# The classes and folders of the data sets the phantoms stand in for (see data/catalog.py). A
+# class's index in these tuples seeds its phantoms.
+LC25000_CLASSES = catalog.LC25000.classes
+MOSMED_CLASSES = catalog.MOSMED.classes
+MOSMED_FOLDERS = catalog.MOSMED.layout
+CHEST_CLASSES = catalog.CHEST_CT.classes
+CHEST_FOLDERS = catalog.CHEST_CT_STAGED_FOLDERS
+CANCER_CLASSES = catalog.CT_CANCER.classes
+CT_CANCER_FOLDERS = catalog.CT_CANCER_PARENTS
 DATASET_KINDS = ("lc25000", "mosmed", "chest_ct", "ct_cancer")
 # Bump a kind's number whenever the same seed and parameters start giving different pictures:
 # generated-data caches are keyed on it, so a work folder from an older generator is rebuilt
@@ -1385,7 +1378,7 @@ def _write_lc25000(root: Path, n_per_class: int, seed: int, *,
         if cls not in LC25000_CLASSES:
             raise ValueError(f"unknown LC25000 class {cls!r}; expected some of {LC25000_CLASSES}")
         class_index = LC25000_CLASSES.index(cls)
-        folder = root / "lung_image_sets" / cls
+        folder = root / catalog.LC25000_PARENT / cls
         for i in range(1, n_per_class + 1):
             tile = histology_tile(cls, _item_rng(seed, class_index, i), size)
             atomic_write_bytes(folder / f"{cls.replace('_', '')}{i}.jpeg", _jpeg_bytes(tile))
@@ -1467,7 +1460,7 @@ def _write_chest_ct(root: Path, n_per_class: int, seed: int, *, size: int = 512,
         class_index = CHEST_CLASSES.index(cls)
         for i in range(n_per_class):
             split = "train" if i < train else "valid" if i < train + valid else "test"
-            folder = root / "Data" / split / (cls if split == "test" else CHEST_FOLDERS[cls])
+            folder = root / catalog.CHEST_CT_PARENT / split / (cls if split == "test" else CHEST_FOLDERS[cls])
             rng = _item_rng(seed, class_index, i)
             data, suffix = _screenshot_bytes(ct_slice(cls, rng, size, window), rng, size)
             atomic_write_bytes(folder / f"{i:06d}{suffix}", data)
