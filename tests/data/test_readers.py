@@ -80,7 +80,7 @@ def test_a_series_with_an_unreadable_slice_in_its_folder_is_rejected_not_scored_
     vol, affine = phantoms.ct_volume("normal", np.random.default_rng(4), in_plane=32, slices=10)
     files = dicom.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), tmp_path / "series")
     files[-1].write_bytes(b"")  # the last slice arrived empty
-    series = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+    series = [i for i in scoring.discover(tmp_path).items if i.file_kind == "dicom_series"]
     assert len(series) == 1 and series[0].refusal_status == "rejected", series
     assert f"{files[-1].name} in its folder cannot be read as DICOM" in series[0].refusal
     assert Path(series[0].files[-1]).name == files[-1].name  # its hash covers the broken file too
@@ -117,7 +117,7 @@ def test_a_non_utf8_pipe_or_outside_link_is_neither_opened_nor_waited_on(tmp_pat
 
 
 def _series_items(root: Path) -> list:
-    return [i for i in scoring.discover(root).items if i.source == "dicom_series"]
+    return [i for i in scoring.discover(root).items if i.file_kind == "dicom_series"]
 
 
 def test_a_dicomdir_beside_a_series_does_not_hold_it_back(tmp_path):
@@ -155,7 +155,7 @@ def test_a_non_utf8_preview_beside_a_series_is_refused_alone(tmp_path):
     files = _series_in(tmp_path / "series")
     Image.fromarray(SLICE).save(tmp_path / "series" / "preview_\udcff.png")
     items = scoring.discover(tmp_path).items
-    (series,) = [i for i in items if i.source == "dicom_series"]
+    (series,) = [i for i in items if i.file_kind == "dicom_series"]
     assert not series.refusal and len(series.files) == len(files)
     assert [i.key for i in items if i.refusal] == ["series/preview_\\xff.png"]
 
@@ -180,7 +180,7 @@ def test_a_broken_series_is_reported_once_and_scored_once_the_slice_is_removed(t
     files[-1].write_bytes(b"")
 
     def series_item():
-        (item,) = [i for i in scoring.discover(tmp_path).items if i.source == "dicom_series"]
+        (item,) = [i for i in scoring.discover(tmp_path).items if i.file_kind == "dicom_series"]
         return item
 
     first, again = series_item(), series_item()
@@ -202,7 +202,7 @@ def test_a_series_still_being_transferred_waits_rather_than_being_rejected(tmp_p
     os.utime(files[-1], (old, old))
     (tmp_path / "series" / ".rsync_tmp").write_bytes(b"partial")
     incoming = scoring.discover(tmp_path, settle_seconds=60)
-    assert not [i for i in incoming.items if i.source == "dicom_series"]
+    assert not [i for i in incoming.items if i.file_kind == "dicom_series"]
     assert any(key.startswith("series (series ") for key, _ in incoming.skipped), incoming.skipped
 
 

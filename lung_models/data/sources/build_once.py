@@ -13,12 +13,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lung_models.data.sources.base import MARKER_NAME, Progress, jsonable, say
-from lung_models.fileutil import atomic_write_json
+from lung_models.fileutil import atomic_write_json, utc_now
 
 try:
     import fcntl
@@ -65,7 +64,7 @@ def marker_payload(provenance: dict[str, Any], key: dict[str, Any]) -> dict[str,
     return {
         "provenance": provenance,
         "key": key,
-        "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "completed_at": utc_now(),
     }
 
 
