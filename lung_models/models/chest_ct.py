@@ -6,7 +6,8 @@ custom models evaluated individually, as an ensemble, and chained"):
 - ``chest-cnn``: a custom CNN;
 - ``chest-ensemble``: both trained submodels in one graph, combined either by the plain average
   of their probabilities or by a trained Dense(4) on that average, whichever is better on
-  validation (the documented design trained only the combiner, which collapsed);
+  validation: the write-up trains only the combiner, and a combiner trained on a few hundred
+  slices can collapse onto one class, which the plain average cannot;
 - ``chest-chained``: ResNet50 branch without its output layer → Dense → Dropout → Dense 4,
   trained end to end.
 
@@ -104,9 +105,9 @@ def build_resnet(spec: ModelSpec = RESNET_SPEC, input_shape=None, weights: str =
 
 # The write-up gives the custom CNN's pattern (Conv2D/MaxPool blocks → Flatten → Dense → Dropout →
 # Dense 4) but not its sizes. Five 3×3 blocks see 94 pixels (about 150 mm, a lung's width) around
-# each flattened cell, enough to tell a hilar mass from a peripheral one; three blocks (22 pixels,
-# the first version) learnt far more slowly on the same slices. He initialisation suits the ReLU
-# stack; the Flatten leaves 5×5×256 features at 224×224 (inputs need at least 94 pixels a side).
+# each flattened cell: what tells a hilar mass from a peripheral one is where it sits in the lung,
+# which a smaller field of view cannot see. He initialisation suits the ReLU stack; the Flatten
+# leaves 5×5×256 features at 224×224 (inputs need at least 94 pixels a side).
 CNN_FILTERS = (16, 32, 64, 128, 256)
 
 

@@ -37,9 +37,8 @@ SPEC = ModelSpec(
         # Two departures from the example, both about BatchNorm statistics:
         # - The example rotates every training volume. Spline interpolation smooths the noise
         #   (voxel-to-voxel differences about 13% smaller), and validation, test and nightly
-        #   volumes are never rotated, so at inference every layer sees inputs unlike the ones its
-        #   statistics were gathered on: a demo model called 11 of 16 normal training volumes
-        #   abnormal once they were rotated, 1 of 16 as they were. We rotate half.
+        #   volumes are never rotated, so at inference every layer would see inputs unlike the
+        #   ones its statistics were gathered on. Rotating half keeps unrotated volumes in them.
         # - The example shuffles freely. In training, BatchNorm centres each batch on its own
         #   mean, so an all-normal batch is shifted as if half of it were abnormal; the model
         #   learns with that shift, and at inference the moving averages do not apply it. Every
