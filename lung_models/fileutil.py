@@ -24,6 +24,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second: the time stamp of report rows, ledger entries,
+    lock holders and data-set markers."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def utc_stamp() -> str:
     """The current UTC time as ``YYYYMMDDTHHMMSSZ``: names of bundle versions, training runs and
     reports, which therefore sort by time."""

@@ -1,17 +1,21 @@
 """The model registry: every documented model declared once, as data.
 
-Each family module declares a :class:`ModelSpec` and registers its builder with
-``@register(SPEC)``. Flows, the CLI and the tests iterate :data:`REGISTRY`; nothing in the
-code base branches on a model's name.
+Each family module in :mod:`lung_models.models` declares a :class:`ModelSpec` and registers its
+builder with ``@register(SPEC)``; :func:`load_all` imports every module of that package, so a new
+model is one new module and nothing else lists it. Flows, the CLI and the tests iterate
+:data:`REGISTRY`; nothing in the code base branches on a model's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from lung_models.data.catalog import DatasetSpec
 
 # Modalities, and which incoming files each one scores.
 HISTOLOGY_TILE = "histology_tile"
@@ -24,24 +28,6 @@ MODALITIES = (HISTOLOGY_TILE, CT_SLICE, CT_VOLUME)
 # starts near -1000 HU and is about 2200 HU wide (so do most generated slices). Recorded in each
 # 2-D CT model's preprocessing, hence in its bundle.
 CT_SLICE_WINDOW = {"center": 100.0, "width": 2200.0}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A data set, its documented folder layout and where it can come from.
-
-    ``layout`` maps each class name to the name of the folder that holds that class's files
-    somewhere under the data set's root (searched recursively, so the archive's own top-level
-    folders do not matter). ``sources`` maps a source kind (``generated``, ``url``, ``kaggle``,
-    ``local``) to that source's configuration.
-    """
-
-    name: str
-    layout: dict[str, str]
-    sources: dict[str, dict[str, Any]]
-    file_suffixes: tuple[str, ...]
-    split: dict[str, Any]
-    citation: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +75,9 @@ class ModelSpec:
     documented_by: str
     modality: str
     input_shape: tuple[int, ...]
+    # The same architecture on a smaller input, for the test suite: the same rank and channels,
+    # just large enough for every conv/pool stage to leave at least one cell.
+    test_input_shape: tuple[int, ...]
     class_names: tuple[str, ...]
     output: str  # "sigmoid" (one unit, P(class_names[1])), "softmax" or "logits"
     preprocessing: dict[str, Any]
@@ -110,6 +99,10 @@ class ModelSpec:
             raise ValueError(f"{self.name}: output must be 'sigmoid', 'softmax' or 'logits', not {self.output!r}")
         if self.output == "sigmoid" and len(self.class_names) != 2:
             raise ValueError(f"{self.name}: a sigmoid output needs exactly two class names")
+        if (len(self.test_input_shape) != len(self.input_shape)
+                or self.test_input_shape[-1] != self.input_shape[-1]):
+            raise ValueError(f"{self.name}: test_input_shape {self.test_input_shape} must have the rank and "
+                             f"channels of input_shape {self.input_shape}")
         # A profile holds recipe fields and generated-data options (generated_*); anything else is
         # a typo that would otherwise be dropped without a word.
         for profile, values in self.profiles.items():
@@ -138,14 +131,8 @@ class RegisteredModel:
 
 REGISTRY: dict[str, RegisteredModel] = {}
 
-# One module per documented model family; importing it registers its models.
-FAMILY_MODULES = (
-    "lung_models.lc25000_cnn",
-    "lung_models.mosmed_3dcnn",
-    "lung_models.chest_ct",
-    "lung_models.ct_inception_hub",
-    "lung_models.lc25000_inception",
-)
+# The package of the model families: importing a family module registers its models.
+FAMILIES_PACKAGE = "lung_models.models"
 
 
 def register(spec: ModelSpec, finalize: Callable[..., Any] | None = None
@@ -180,8 +167,11 @@ def training_order(names: list[str]) -> list[str]:
 
 
 def load_all() -> dict[str, RegisteredModel]:
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
+    """Import every module of :data:`FAMILIES_PACKAGE` (each family registers its models) and
+    return the registry. Shared modules there (blocks, pretrained weights) register nothing."""
+    package = importlib.import_module(FAMILIES_PACKAGE)
+    for module in pkgutil.iter_modules(package.__path__, f"{FAMILIES_PACKAGE}."):
+        importlib.import_module(module.name)
     return REGISTRY
 
 

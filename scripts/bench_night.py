@@ -277,9 +277,9 @@ def night(bundles, rates: dict[str, float], work: Path, workers: int | None) -> 
 
 
 def _n_inputs(item, folder: Path, bundle) -> int:
-    if bundle.preprocessing["kind"] == "ct_volume" or item.kind != "ct_volume":
+    if bundle.preprocessing["kind"] == "ct_volume" or item.input_kind != "ct_volume":
         return 1
-    if item.source == "dicom_series":
+    if item.file_kind == "dicom_series":
         return len(item.files)
     import nibabel as nib
 

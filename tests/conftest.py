@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LUNG_FACTORY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses ``factory`` trains and exports every registered model (once a session): that
+    is what the ``slow`` marker names, so ``-m "not slow"`` leaves those tests out."""
+    for item in items:
+        if "factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real sample images beside the repo (../shared/data); tests that need them skip without."""
@@ -33,18 +41,16 @@ def prefect_harness():
         yield
 
 
-# Small inputs per model (architectures are the documented ones; only the input size shrinks).
-# The 3D CNN needs at least 46 voxels a side for its four conv/pool blocks, InceptionV3 75 pixels,
-# the chest CNN 94 (five blocks; its family shares one size because the ensemble holds both).
-TEST_INPUT = {"lc25000-cnn": [64, 64, 3], "mosmed-3dcnn": [48, 48, 48, 1],
-              "chest-resnet50": [96, 96, 3], "chest-cnn": [96, 96, 3], "chest-ensemble": [96, 96, 3],
-              "chest-chained": [96, 96, 3], "ct-inception-hub": [64, 64, 3],
-              "lc25000-inception-mixed7": [80, 80, 3]}
 # Every data set, small, under one folder: the local source finds each layout below it.
 TEST_DATA = {"lc25000": ({"size": 96, "classes": ["lung_n", "lung_aca", "lung_scc"]}, 16),
              "mosmed": ({"in_plane": 64, "slices": (30, 36)}, 10),
              "chest_ct": ({"size": 96}, 16),
              "ct_cancer": ({"size": 96}, 16)}
+
+
+def small_input_shapes() -> dict[str, list[int]]:
+    """Every registered model's small test input, by name, as the train flow takes it."""
+    return {name: list(registry.get(name).spec.test_input_shape) for name in registry.names()}
 
 
 def make_tiny_hub_module(path: Path) -> Path:
@@ -70,7 +76,8 @@ def make_tiny_hub_module(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def factory(prefect_harness, tmp_path_factory):
-    """Train and export every registered model once for the whole session (two epochs, small)."""
+    """Train and export every registered model once for the whole session (two epochs, each at the
+    small ``test_input_shape`` of its spec: the documented architecture, only the input shrinks)."""
     from flows.train import train_models
 
     root = tmp_path_factory.mktemp("factory")
@@ -81,5 +88,5 @@ def factory(prefect_harness, tmp_path_factory):
     weights["ct-inception-hub"] = str(hub)
     bundles = train_models(models=registry.names(), profile="full", source="local", data_dir=str(root / "data"),
                            exports_dir=str(root / "exports"), work_dir=str(root / "work"),
-                           epochs=2, batch_size=4, input_shape=TEST_INPUT, weights=weights)
+                           epochs=2, batch_size=4, input_shape=small_input_shapes(), weights=weights)
     return {"root": root, "exports": root / "exports", "bundles": bundles, "hub": hub}

@@ -121,3 +121,13 @@ def test_an_unknown_learning_rate_schedule_is_refused():
     recipe = registry.get("chest-cnn").spec.recipe
     with pytest.raises(ValueError, match="unknown lr_schedule kind 'cosine_decay'"):
         training.make_optimizer(dataclasses.replace(recipe, lr_schedule={"kind": "cosine_decay"}))
+
+
+def test_pretrained_models_say_where_their_weights_come_from():
+    from lung_models.training import weights_description
+
+    hub = registry.get("ct-inception-hub").spec
+    assert "RANDOM INITIALISATION" in weights_description(hub, hub.recipe_for("demo"))
+    assert hub.pretrained["handle"] in weights_description(hub, hub.recipe_for("full"))
+    cnn = registry.get("lc25000-cnn").spec
+    assert weights_description(cnn, cnn.recipe_for("full")).startswith("random initialisation (trained from scratch")

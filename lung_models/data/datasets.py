@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from lung_models import preprocess
-from lung_models.data.readers import READER_VERSION, InputError, read_nifti_hu, read_rgb_image
+from lung_models.data.catalog import DatasetSpec
+from lung_models.data.readers import IMAGE, NIFTI, READER_VERSION, READERS, InputError
 from lung_models.fileutil import atomic_write_json, sha256_bytes, sha256_file
-from lung_models.registry import DatasetSpec, ModelSpec
+from lung_models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -30,7 +31,9 @@ class DatasetLayoutError(ValueError):
 
 
 @dataclass(frozen=True)
-class Item:
+class LabelledFile:
+    """A file of a data set and the index of its class."""
+
     path: Path
     label: int
 
@@ -47,7 +50,7 @@ def _files_in(folder: Path, dataset: DatasetSpec) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(dataset.file_suffixes))
 
 
-def find_items(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -> list[Item]:
+def find_items(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -> list[LabelledFile]:
     """Every file of every class under ``root``, in the data set's documented folder layout.
 
     Each class's folder (``dataset.layout[class]``, a name or an fnmatch pattern) is looked for
@@ -56,7 +59,7 @@ def find_items(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: data folder not found; fetch the data set or pass --data-dir")
-    items: list[Item] = []
+    items: list[LabelledFile] = []
     for label, cls in enumerate(class_names):
         pattern = dataset.layout[cls]
         folders = sorted(p for p in root.rglob("*") if p.is_dir() and fnmatch.fnmatchcase(p.name, pattern))
@@ -66,23 +69,24 @@ def find_items(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -
                 f"{root}: no {'/'.join(dataset.file_suffixes)} files in a folder named {pattern!r} "
                 f"for class {cls!r}; expected the {dataset.name} layout "
                 f"({', '.join(dataset.layout.values())} folders)")
-        items.extend(Item(f, label) for f in files)
+        items.extend(LabelledFile(f, label) for f in files)
     return items
 
 
-def find_split_folders(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]) -> dict[str, list[Item]]:
+def find_split_folders(root: Path, dataset: DatasetSpec, class_names: tuple[str, ...]
+                       ) -> dict[str, list[LabelledFile]]:
     """Items of a data set that ships its own splits (``split["folders"]`` names each split's folder).
 
     Every class folder inside a split folder must map to a class; one that maps to none is an
     error naming it (a silently dropped class would skew every metric).
     """
     root = Path(root)
-    found: dict[str, list[Item]] = {}
+    found: dict[str, list[LabelledFile]] = {}
     for split, folder_name in dataset.split["folders"].items():
         candidates = sorted(p for p in root.rglob(folder_name) if p.is_dir())
         if not candidates:
             continue
-        items: list[Item] = []
+        items: list[LabelledFile] = []
         for folder in candidates:
             for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
                 label = _class_of(sub.name, dataset, class_names)
@@ -91,7 +95,7 @@ def find_split_folders(root: Path, dataset: DatasetSpec, class_names: tuple[str,
                         f"{sub}: class folder matches none of {', '.join(class_names)} "
                         f"(patterns {', '.join(dataset.layout[c] for c in class_names)}); rename it or "
                         "remove it from the data set")
-                items.extend(Item(f, label) for f in _files_in(sub, dataset))
+                items.extend(LabelledFile(f, label) for f in _files_in(sub, dataset))
         found[split] = items
     if "train" not in found or not found["train"]:
         raise DatasetLayoutError(f"{root}: no {dataset.split['folders']['train']!r} folder with class "
@@ -99,11 +103,11 @@ def find_split_folders(root: Path, dataset: DatasetSpec, class_names: tuple[str,
     return found
 
 
-def limit_per_class(items: list[Item], max_per_class: int | None, seed: int) -> list[Item]:
+def limit_per_class(items: list[LabelledFile], max_per_class: int | None, seed: int) -> list[LabelledFile]:
     if not max_per_class:
         return items
     rng = np.random.default_rng(seed)
-    kept: list[Item] = []
+    kept: list[LabelledFile] = []
     for label in sorted({i.label for i in items}):
         group = [i for i in items if i.label == label]
         order = rng.permutation(len(group))[:max_per_class]
@@ -111,7 +115,7 @@ def limit_per_class(items: list[Item], max_per_class: int | None, seed: int) -> 
     return kept
 
 
-def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item]]:
+def split_items(items: list[LabelledFile], split: dict[str, Any]) -> dict[str, list[LabelledFile]]:
     """Seeded train/val/test split with the fractions in ``split``, stratified by class.
 
     Each class is shuffled with the seed and cut by the fractions (rounded, at least one item in
@@ -119,7 +123,7 @@ def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item
     every split.
     """
     rng = np.random.default_rng(split["seed"])
-    out: dict[str, list[Item]] = {name: [] for name in SPLITS}
+    out: dict[str, list[LabelledFile]] = {name: [] for name in SPLITS}
     for label in sorted({i.label for i in items}):
         group = [i for i in items if i.label == label]
         group = [group[j] for j in rng.permutation(len(group))]
@@ -132,8 +136,8 @@ def split_items(items: list[Item], split: dict[str, Any]) -> dict[str, list[Item
     return {name: sorted(v, key=lambda i: str(i.path)) for name, v in out.items()}
 
 
-def drop_duplicates(given: dict[str, list[Item]], hashes: dict[str, str], class_names: tuple[str, ...]
-                    ) -> tuple[dict[str, list[Item]], list[dict[str, str]]]:
+def drop_duplicates(given: dict[str, list[LabelledFile]], hashes: dict[str, str], class_names: tuple[str, ...]
+                    ) -> tuple[dict[str, list[LabelledFile]], list[dict[str, str]]]:
     """Keep one file per content hash, so no image is in two splits (real data sets ship copies).
 
     The first copy is kept (train before val before test); a hash whose copies carry different
@@ -145,7 +149,7 @@ def drop_duplicates(given: dict[str, list[Item]], hashes: dict[str, str], class_
             labels.setdefault(hashes[str(item.path)], set()).add(item.label)
     order = [s for s in ("all", *SPLITS) if s in given]
     seen: set[str] = set()
-    kept: dict[str, list[Item]] = {}
+    kept: dict[str, list[LabelledFile]] = {}
     dropped: list[dict[str, str]] = []
     for split in order:
         kept[split] = []
@@ -162,7 +166,8 @@ def drop_duplicates(given: dict[str, list[Item]], hashes: dict[str, str], class_
     return kept, dropped
 
 
-def assign_splits(given: dict[str, list[Item]], split: dict[str, Any]) -> tuple[dict[str, list[Item]], str]:
+def assign_splits(given: dict[str, list[LabelledFile]], split: dict[str, Any]
+                  ) -> tuple[dict[str, list[LabelledFile]], str]:
     """Train/val/test from the data set's own split folders, or by seeded fractions.
 
     A data set that ships split folders but arrives without some of them (e.g. a sample with no
@@ -184,13 +189,15 @@ def assign_splits(given: dict[str, list[Item]], split: dict[str, Any]) -> tuple[
     return out, f"{', '.join(missing)} carved from the train folder ({carve}, seed {split['seed']})"
 
 
+# The file kind each preprocessing kind is trained from.
+TRAINING_FILE_KINDS = {"ct_volume": NIFTI, "rgb_image": IMAGE}
+
+
 def reader_for(params: dict[str, Any]) -> Callable[[Path], np.ndarray]:
     """The decoder that feeds a preprocessing kind (from a spec or a bundle's card)."""
-    if params["kind"] == "ct_volume":
-        return lambda p: read_nifti_hu(p)[0]
-    if params["kind"] == "rgb_image":
-        return read_rgb_image
-    raise ValueError(f"no reader for preprocessing kind {params['kind']!r}")
+    if params["kind"] not in TRAINING_FILE_KINDS:
+        raise ValueError(f"no reader for preprocessing kind {params['kind']!r}")
+    return READERS[TRAINING_FILE_KINDS[params["kind"]]]
 
 
 @dataclass(frozen=True)
@@ -247,7 +254,7 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
                                 "root": str(root), "split": spec.dataset.split, "split_note": split_note, "splits": {},
                                 "skipped": [], "duplicates_dropped": duplicates}
     for name in SPLITS:
-        kept: list[tuple[Item, np.ndarray]] = []
+        kept: list[tuple[LabelledFile, np.ndarray]] = []
         for n, item in enumerate(splits[name], 1):
             try:
                 kept.append((item, preprocess.cache_stage(read(item.path), params)))

@@ -1,4 +1,5 @@
-"""Readers for incoming files: RGB images (PNG/JPEG/TIFF/BMP) and NIfTI CT volumes.
+"""Readers for scan files: RGB images (PNG/JPEG/TIFF/BMP), NIfTI CT volumes and DICOM CT slices,
+behind one table, :data:`READERS`, keyed by file kind; training and scoring both read through it.
 
 Every failure is an :class:`InputError` whose message names the file, says what is wrong and
 what to do about it, so that a scoring run can record it in the report and go on.
@@ -7,12 +8,16 @@ what to do about it, so that a scoring run can record it in the report and go on
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from lung_models.fileutil import report_text
 
+# File kinds: how a file is decoded. Images and NIfTI volumes are told by their names, DICOM files by
+# their content (``dicom.is_dicom_file``), since many have no suffix.
+IMAGE, NIFTI, DICOM = "image", "nifti", "dicom"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 # The image formats each suffix may hold. PNG and JPEG are accepted under every image suffix, because
@@ -59,13 +64,13 @@ class InputError(ValueError):
         super().__init__(f"{report_text(Path(path).name)}: {problem}; {fix}")
 
 
-def file_kind(path: Path) -> str | None:
-    """``"image"``, ``"volume"`` or ``None`` from the file name."""
+def file_kind_by_name(path: Path) -> str | None:
+    """:data:`IMAGE`, :data:`NIFTI` or ``None`` (maybe DICOM, maybe not a scan) from the file name."""
     name = path.name.lower()
     if name.endswith(VOLUME_SUFFIXES):
-        return "volume"
+        return NIFTI
     if name.endswith(IMAGE_SUFFIXES):
-        return "image"
+        return IMAGE
     return None
 
 
@@ -309,3 +314,25 @@ def error_detail(exc: BaseException, path: str | Path, limit: int = 240) -> str:
     text = " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", text).split())
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_nifti_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """:func:`read_nifti_hu` without the spacing (the models take voxels; volumes have their own limits)."""
+    return read_nifti_hu(path)[0]
+
+
+def read_dicom_slice(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """One DICOM CT slice in HU (``dicom.read_slice_hu``; slices have their own size limit)."""
+    from lung_models.data import dicom  # dicom builds on this module's errors: imported when first used
+
+    return dicom.read_slice_hu(Path(path))
+
+
+# The decoder of each file kind, called as ``READERS[kind](path, max_pixels)``: an image to uint8 RGB
+# (rows, columns, 3), refused above ``max_pixels``; a NIfTI file to a float32 HU volume (x, y, z) in
+# closest-canonical RAS; a DICOM file to one float32 HU slice (rows, columns).
+READERS: dict[str, Callable[[Path, int], np.ndarray]] = {
+    IMAGE: read_rgb_image,
+    NIFTI: read_nifti_volume,
+    DICOM: read_dicom_slice,
+}

@@ -2,7 +2,8 @@
 
 One module a job:
 
-- ``items``: the vocabulary (Item, statuses, which modality takes which item);
+- ``items``: the vocabulary (Item with its file and input kinds, statuses, which modality takes
+  which item);
 - ``discovery``: the input folder's items, hashed once (the ledger caches hashes by stat key);
 - ``decode``: each item decoded once, prepared once per preprocessing signature;
 - ``runtime``: ONNX Runtime sessions with explicit options, and the provider that runs;

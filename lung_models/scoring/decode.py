@@ -22,14 +22,7 @@ import numpy as np
 
 from lung_models import preprocess
 from lung_models.data import dicom
-from lung_models.data.readers import (
-    MAX_SLICE_PIXELS,
-    MAX_TILE_PIXELS,
-    InputError,
-    check_ct_intensities,
-    read_nifti_hu,
-    read_rgb_image,
-)
+from lung_models.data.readers import MAX_SLICE_PIXELS, MAX_TILE_PIXELS, READERS, InputError, check_ct_intensities
 from lung_models.registry import CT_SLICE
 from lung_models.scoring.discovery import stat_key
 from lung_models.scoring.items import DICOM, DICOM_SERIES, IMAGE, NIFTI, BundleInputError, FileChanged, Item
@@ -64,18 +57,18 @@ def decode(item: Item, root: Path) -> Decoded:
     """Read and decode ``item`` (not a refused one) once; raises InputError for a bad file, OSError for
     the file system's faults, FileChanged when the bytes decoded may not be the bytes hashed."""
     path = root / item.files[0]
-    if item.source == IMAGE:
-        decoded = Decoded(item, image=read_rgb_image(path, MAX_SLICE_PIXELS if item.kind == CT_SLICE
-                                                        else MAX_TILE_PIXELS))
-    elif item.source == DICOM:  # the same HU plausibility check as a volume's (a wrong rescale, an MR)
-        decoded = Decoded(item, slices_hu=[check_ct_intensities(path, dicom.read_slice_hu(path))])
-    elif item.source == NIFTI:
-        volume, _ = read_nifti_hu(path)
-        decoded = Decoded(item, volume_hu=check_ct_intensities(path, volume))
-    elif item.source == DICOM_SERIES:
+    if item.file_kind == DICOM_SERIES:
         decoded = _decode_series(item, root)
+    elif item.file_kind in (IMAGE, DICOM, NIFTI):
+        scan = READERS[item.file_kind](path, MAX_SLICE_PIXELS if item.input_kind == CT_SLICE else MAX_TILE_PIXELS)
+        if item.file_kind == IMAGE:
+            decoded = Decoded(item, image=scan)
+        elif item.file_kind == DICOM:  # the same HU plausibility check as a volume's (a wrong rescale, an MR)
+            decoded = Decoded(item, slices_hu=[check_ct_intensities(path, scan)])
+        else:  # NIFTI
+            decoded = Decoded(item, volume_hu=check_ct_intensities(path, scan))
     else:
-        raise ValueError(f"unknown item source {item.source!r}")
+        raise ValueError(f"unknown item file kind {item.file_kind!r}")
     check_unchanged(item, root)  # the bytes decoded are the bytes hashed
     return decoded
 
@@ -104,7 +97,7 @@ def signature(params: dict[str, Any], item: Item) -> tuple:
     it share the prepared uint8 array."""
     if params["kind"] == "rgb_image":
         size = tuple(int(s) for s in params["size"])
-        if item.source == IMAGE:
+        if item.file_kind == IMAGE:
             return ("rgb", size)
         window = params.get("ct_window")
         if not window:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lung_models.data import dicom, readers
-from lung_models.data.readers import file_kind
+from lung_models.data.readers import file_kind_by_name
 from lung_models.fileutil import is_undecodable, report_text, sha256_bytes, sha256_file, utf8_text
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
 from lung_models.scoring.items import (
@@ -51,7 +51,8 @@ HISTOLOGY_COLOURED_SHARE = 0.05
 
 class HashCache(Protocol):
     """What discovery remembers between nights about each file, under its relative path and stat key:
-    ``{"sha256", "kind", "source"}`` and, for a DICOM slice, ``"series"`` (the hash of its series key)."""
+    ``{"sha256", "kind", "source"}`` and, for a DICOM slice, ``"series"`` (the hash of its series key).
+    ``kind`` is the item's input kind and ``source`` its file kind: the keys ledgers already hold."""
 
     def lookup(self, relative_path: str, stat_key: tuple[int, ...]) -> dict[str, Any] | None: ...
 
@@ -166,7 +167,7 @@ def _discover_file(walk: _Walk, path: Path) -> None:
     raw_rel = path.relative_to(walk.root).as_posix()
     rel, name, folder = report_text(raw_rel), report_text(path.name), path.parent
     undecodable = is_undecodable(raw_rel)  # refused once it is known to be a regular file and a scan (below)
-    by_name = file_kind(path)
+    by_name = file_kind_by_name(path)
     try:
         link = path.lstat()
     except OSError:
@@ -211,8 +212,8 @@ def _discover_file(walk: _Walk, path: Path) -> None:
         return
     if by_name is None and not is_dcm:
         return
-    kind = CT_VOLUME if by_name == "volume" else CT_SLICE if is_dcm else UNKNOWN_IMAGE
-    source = NIFTI if by_name == "volume" else DICOM if is_dcm else IMAGE
+    kind = CT_VOLUME if by_name == NIFTI else CT_SLICE if is_dcm else UNKNOWN_IMAGE
+    file_kind = NIFTI if by_name == NIFTI else DICOM if is_dcm else IMAGE
     age = walk.now - before.st_mtime
     if walk.settle_seconds and 0 <= age < walk.settle_seconds:  # a future mtime (clock skew) counts as settled
         walk.skip(rel, f"modified {age:.0f} s ago (under {walk.settle_seconds:.0f} s): may still be arriving; "
@@ -241,20 +242,20 @@ def _discover_file(walk: _Walk, path: Path) -> None:
             if is_dcm:
                 walk.unsettled_folders[folder] = f"{name} is still being written"
             return
-        if source == IMAGE:
+        if file_kind == IMAGE:
             kind = input_kind(path)
         walk.found.hashed += 1
         if not undecodable:
-            walk.new_facts[rel] = (key, {"sha256": sha, "kind": kind, "source": source})
+            walk.new_facts[rel] = (key, {"sha256": sha, "kind": kind, "source": file_kind})
     if undecodable:  # SQLite and a UTF-8 CSV cannot hold the name: one row naming it escaped, not a crashed night
-        if source == DICOM:
+        if file_kind == DICOM:
             walk.dicom_files[path] = (sha, key)  # still grouped: its series is then refused, not scored short
             walk.undecodable.add(path)
         walk.refuse(rel, kind, sha, REJECTED, f"{rel}: the file or folder name is not valid UTF-8 (shown here "
                                               "with \\x escapes), so reports cannot name it; rename it to UTF-8")
         return
-    item = Item(rel, kind, source, (raw_rel,), sha, (key,))
-    if source == DICOM:  # one item per scan: a slice of a series is held until the series is known
+    item = Item(rel, kind, file_kind, (raw_rel,), sha, (key,))
+    if file_kind == DICOM:  # one item per scan: a slice of a series is held until the series is known
         walk.dicom_files[path] = (sha, key)
         walk.dicom_items[path] = item
         if facts and facts.get("series"):
@@ -264,8 +265,8 @@ def _discover_file(walk: _Walk, path: Path) -> None:
 
 
 def _kind_by_name(by_name: str | None) -> str:
-    """The item kind a file's name promises: NIfTI a volume, an image suffix an image, else a DICOM slice."""
-    return CT_VOLUME if by_name == "volume" else UNKNOWN_IMAGE if by_name == "image" else CT_SLICE
+    """The input kind a file's name promises: NIfTI a volume, an image suffix an image, else a DICOM slice."""
+    return CT_VOLUME if by_name == NIFTI else UNKNOWN_IMAGE if by_name == IMAGE else CT_SLICE
 
 
 def _series_items(walk: _Walk) -> list[Item]:

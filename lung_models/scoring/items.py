@@ -9,9 +9,9 @@ model scores the volume, the 2-D CT models score its axial slices and report one
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
+from lung_models.data.readers import DICOM, IMAGE, NIFTI  # noqa: F401 - file kinds, part of this vocabulary
 from lung_models.registry import CT_SLICE, CT_VOLUME, HISTOLOGY_TILE
 
 # Statuses of a row. ``ok`` and ``rejected`` are *done* (a rejected input would be rejected again);
@@ -20,21 +20,17 @@ OK, REJECTED, ERROR = "ok", "rejected", "error"
 STATUSES = frozenset({OK, REJECTED, ERROR})
 DONE_STATUSES = frozenset({OK, REJECTED})
 
-# Item sources: how an item is read.
-IMAGE, DICOM, NIFTI, DICOM_SERIES, REFUSED = "image", "dicom", "nifti", "dicom_series", "refused"
-# An image whose kind cannot be told (it does not even open) goes to every image model, so each
-# reports the problem on its row.
+# An item's file kind, how it is read: one file of a kind the readers decode (IMAGE, NIFTI, DICOM),
+# the slices of a DICOM series, or nothing (refused unread: a link out of the folder, a pipe...).
+DICOM_SERIES, REFUSED = "dicom_series", "refused"
+# An item's input kind, what it shows: a modality, or an image whose modality cannot be told (it
+# does not even open), which goes to every image model so that each reports the problem on its row.
 UNKNOWN_IMAGE = "image"
-# Which kinds of item each modality scores. A volume is a stack of CT slices to the 2-D CT models.
+# Which input kinds each modality scores. A volume is a stack of CT slices to the 2-D CT models.
 MODALITY_INPUTS = {HISTOLOGY_TILE: frozenset({HISTOLOGY_TILE, UNKNOWN_IMAGE}),
                    CT_SLICE: frozenset({CT_SLICE, UNKNOWN_IMAGE, CT_VOLUME}),
                    CT_VOLUME: frozenset({CT_VOLUME})}
 DEFAULT_SETTLE_SECONDS = 60.0
-
-
-def utc_now() -> str:
-    """The time stamp of rows, ledger entries and lock holders: UTC, to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class FileChanged(RuntimeError):
@@ -48,8 +44,8 @@ class BundleInputError(RuntimeError):
 @dataclass(frozen=True)
 class Item:
     key: str  # relative path of the file, or of the folder holding a DICOM series ("." for the input folder)
-    kind: str  # histology_tile | ct_slice | ct_volume | image (an image that does not open)
-    source: str  # image | nifti | dicom | dicom_series | refused
+    input_kind: str  # histology_tile | ct_slice | ct_volume | image (an image that does not open)
+    file_kind: str  # image | nifti | dicom | dicom_series | refused
     files: tuple[str, ...]  # relative paths of the files read to score it
     sha256: str  # content hash: the file's, or for a series a hash over its slices' names and hashes
     stats: tuple[tuple[int, ...], ...] = ()  # stat key of each file when it was hashed
@@ -75,4 +71,4 @@ class Incoming:
 
 def takes(modality: str, item: Item) -> bool:
     """Whether a model of ``modality`` scores ``item``."""
-    return item.kind in MODALITY_INPUTS[modality]
+    return item.input_kind in MODALITY_INPUTS[modality]

@@ -62,8 +62,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lung_models.fileutil import utf8_text
-from lung_models.scoring.items import DONE_STATUSES, STATUSES, utc_now
+from lung_models.fileutil import utc_now, utf8_text
+from lung_models.scoring.items import DONE_STATUSES, STATUSES
 from lung_models.scoring.lock import OutputNotWritable, pid_alive
 from lung_models.scoring.report import write_csv
 from lung_models.scoring.rows import COLUMNS, REQUIRED_COLUMNS

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lung_models.scoring.items import utc_now
+from lung_models.fileutil import utc_now
 
 LOCK_NAME = ".scoring.lock"
 # How long a run waits for another run on the same output folder (a long night's run) before failing.

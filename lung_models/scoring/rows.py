@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from lung_models.bundle import ModelBundle
-from lung_models.scoring.items import Item, utc_now
+from lung_models.fileutil import utc_now
+from lung_models.scoring.items import Item
 
 COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "predicted_class", "probability",
            "probabilities", "max_probabilities", "max_slice", "n_inputs", "status", "error", "precision",
@@ -38,10 +39,11 @@ def _json(values: dict[str, Any]) -> str:
 def result_row(bundle: ModelBundle, item: Item, *, provider: str = "", precision: str = "",
                onnx_sha256: str = "", **values: Any) -> dict[str, Any]:
     """One report row; ``values`` fill status, error and the prediction columns. ``onnx_sha256`` is the
-    graph that ran (an int8 variant's), by default the bundle's fp32 graph."""
+    graph that ran (an int8 variant's), by default the bundle's fp32 graph. The ``item_kind`` column
+    holds the item's file kind (image, nifti, dicom, dicom_series, refused)."""
     return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
             "model_version": bundle.version, "bundle_sha256": onnx_sha256 or bundle.card["onnx_sha256"],
-            "item_kind": item.source, "series_uid_hash": item.series_uid_hash, "provider": provider,
+            "item_kind": item.file_kind, "series_uid_hash": item.series_uid_hash, "provider": provider,
             "precision": precision, "scored_utc": utc_now(), "predicted_class": "", "error": "", **values}
 
 

@@ -33,9 +33,8 @@ from corpus import (
 
 from lung_models import registry, scoring
 from lung_models.bundle import load_bundle
-from lung_models.data import dicom, phantoms
+from lung_models.data import dicom, phantoms, readers
 from lung_models.fileutil import sha256_file
-from lung_models.scoring import decode as decode_mod
 from lung_models.scoring import discovery as discover_mod
 from lung_models.scoring import pipeline
 
@@ -97,7 +96,7 @@ def test_every_bad_input_gets_a_row_naming_it_and_every_good_one_is_scored(corpu
     two_d = _models_for("ct_slice") - _models_for("histology_tile")
     for key, (status, word) in expected.items():
         rows = df[df.relative_path == key]
-        kinds = {i.kind for i in items if i.key == key}
+        kinds = {i.input_kind for i in items if i.key == key}
         assert len(rows) > 0 and set(rows.model) == set().union(*(_models_for(k) for k in kinds)), key
         assert not rows.duplicated("model").any(), key  # one row per (scan, model)
         if key in SLICES_STILL_SCORED:
@@ -405,13 +404,13 @@ def test_a_file_that_changes_while_it_is_decoded_is_skipped_not_rejected(factory
     folder = tmp_path / "in"
     path = write_png(folder / "s.png", phantoms.ct_slice("normal", np.random.default_rng(1), 64))
     items = scoring.discover(folder).items
-    real = decode_mod.read_rgb_image
+    real = readers.READERS["image"]
 
     def cut_then_read(p, *args):
         p.write_bytes(p.read_bytes()[:100])  # the transfer rewrites the file under us
         return real(p, *args)
 
-    monkeypatch.setattr(decode_mod, "read_rgb_image", cut_then_read)
+    monkeypatch.setitem(readers.READERS, "image", cut_then_read)  # what decode reads images with
     model = scoring.open_model(load_bundle(factory["bundles"]["chest-cnn"]))
     skipped: list = []
     rows = [r for batch in pipeline.score([pipeline.Job(i, [model]) for i in items], folder, skipped=skipped)
@@ -459,7 +458,7 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
 
     monkeypatch.setattr(discover_mod.dicom, "group_series", vanish_then_group)
     found = scoring.discover(folder)
-    assert not [i for i in found.items if i.source == "dicom_series"]
+    assert not [i for i in found.items if i.file_kind == "dicom_series"]
     assert any("series" in rel and "IM000005.dcm cannot be read" in why for rel, why in found.skipped)
     monkeypatch.setattr(discover_mod.dicom, "group_series", real)
     # An extensionless link out of the folder might be one of its slices: the series waits, and says why.
@@ -467,14 +466,14 @@ def test_a_series_waits_while_one_of_its_slices_cannot_be_read_or_links_out(tmp_
     (tmp_path / "elsewhere").write_bytes(b"x")
     (folder / "series" / "EXTRA").symlink_to(tmp_path / "elsewhere")
     found = scoring.discover(folder)
-    assert not [i for i in found.items if i.source == "dicom_series"]
+    assert not [i for i in found.items if i.file_kind == "dicom_series"]
     assert any("EXTRA links out of the folder" in why for _, why in found.skipped)
     # A stray preview image linking out does not hold the series back, and a .dcm pipe goes to CT models only.
     (folder / "series" / "EXTRA").unlink()
     (folder / "series" / "preview.png").symlink_to(tmp_path / "elsewhere")
     os.mkfifo(folder / "series" / "pipe.dcm")
     found = scoring.discover(folder)
-    by_key = {(i.key, i.source): i for i in found.items}
+    by_key = {(i.key, i.file_kind): i for i in found.items}
     assert len(by_key[("series", "dicom_series")].files) == len(files)  # assembled whole again
-    assert by_key[("series/pipe.dcm", "refused")].kind == "ct_slice"
+    assert by_key[("series/pipe.dcm", "refused")].input_kind == "ct_slice"
     assert by_key[("series/preview.png", "refused")].refusal_status == "rejected"

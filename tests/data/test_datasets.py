@@ -1,4 +1,4 @@
-"""Data set layouts (prefix-mapped class folders, shipped splits) and pretrained-weight errors."""
+"""Data set layouts (prefix-mapped class folders, shipped splits), splits, duplicates and cached arrays."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lung_models import pretrained, registry
+from lung_models import registry
 from lung_models.data import datasets
 
 
@@ -54,33 +54,6 @@ def test_the_real_chest_sample_without_a_test_folder_gets_one_carved_from_train(
     assert len(splits["val"]) == 72 and len(splits["train"]) + len(splits["test"]) == 613
     assert {i.path for i in splits["train"]}.isdisjoint(i.path for i in splits["test"])
     assert len({i.label for i in splits["test"]}) == 4
-
-
-def test_offline_tfhub_error_names_the_module_and_the_fix(monkeypatch):
-    import tensorflow_hub as hub
-
-    def offline(handle):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(hub, "resolve", offline)
-    handle = registry.get("ct-inception-hub").spec.pretrained["handle"]
-    with pytest.raises(pretrained.PretrainedWeightsError) as err:
-        pretrained.resolve_tfhub(handle, "pretrained")
-    assert handle in str(err.value) and "--weights" in str(err.value) and "TFHUB_CACHE_DIR" in str(err.value)
-    assert pretrained.resolve_tfhub(handle, "random") is None
-
-
-def test_offline_imagenet_error_names_the_file_and_where_it_goes():
-    def ResNet50(weights=None, **kwargs):  # noqa: N802 - stands in for keras.applications.ResNet50
-        raise Exception("URL fetch failure: network is unreachable")
-
-    with pytest.raises(pretrained.PretrainedWeightsError) as err:
-        pretrained.keras_application(ResNet50, "pretrained", include_top=False)
-    message = str(err.value)
-    assert "keras-applications/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
-    assert ".keras/models" in message
-    with pytest.raises(pretrained.PretrainedWeightsError, match="not found"):
-        pretrained.keras_application(ResNet50, "/no/such/weights.h5")
 
 
 def test_duplicate_images_never_span_splits_in_the_real_chest_sample(shared_data, tmp_path):
@@ -132,3 +105,26 @@ def test_a_split_where_no_file_can_be_read_is_an_error_saying_why(tmp_path):
     spec = registry.get("chest-cnn").spec
     with pytest.raises(ValueError, match=r"none of the 8 train files .* could be read \(the first: 0.png: I;16"):
         datasets.prepare(spec, tmp_path / "data", tmp_path / "cache")
+
+
+def test_generated_source_loads_into_the_documented_layout(tmp_path):
+    from lung_models.data.sources import source_from_config
+
+    spec = registry.get("lc25000-cnn").spec
+    src = source_from_config("generated", {"kind": "lc25000", "n_per_class": 6, "seed": 1,
+                                           "params": {"size": 64, "classes": list(spec.class_names)}})
+    root = src.fetch(tmp_path)
+    items = datasets.find_items(root, spec.dataset, spec.class_names)
+    assert len(items) == 12 and {i.label for i in items} == {0, 1}
+    prepared = datasets.prepare(spec, root, tmp_path / "cache", input_shape=(32, 32, 3))
+    x, y = prepared.arrays("train")
+    assert x.dtype == np.uint8 and x.shape[1:] == (32, 32, 3) and len(x) == len(y)
+    again = datasets.prepare(spec, root, tmp_path / "cache", input_shape=(32, 32, 3))
+    assert again.folder == prepared.folder
+
+
+def test_missing_class_folder_is_a_clear_error(tmp_path):
+    spec = registry.get("lc25000-cnn").spec
+    (tmp_path / "lung_aca").mkdir()
+    with pytest.raises(datasets.DatasetLayoutError, match="lung_scc"):
+        datasets.find_items(tmp_path, spec.dataset, spec.class_names)

@@ -10,18 +10,19 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from lung_models.data import phantoms
 from lung_models.data.phantoms import (
     CANCER_CLASSES,
     CHEST_CLASSES,
     CHEST_FOLDERS,
     LC25000_CLASSES,
     MOSMED_CLASSES,
+    chest_slices,
     ct_slice,
     ct_volume,
     histology_tile,
     write_dataset,
     write_incoming,
+    writers,
 )
 
 GGO_RANGE = (-700, -300)
@@ -265,13 +266,13 @@ def test_every_adenocarcinoma_has_a_ground_glass_rim():
 def test_slices_are_cut_at_or_above_the_hila(monkeypatch):
     # Below the hila a "hilar" squamous mass merges with the heart; no class is cut there.
     levels = []
-    thorax = phantoms._thorax_hu
+    thorax = chest_slices.thorax_hu
 
     def recording(c, rng_, x, y, z, *args, **kwargs):
         levels.append(float(z.ravel()[0]) / c.height)
         return thorax(c, rng_, x, y, z, *args, **kwargs)
 
-    monkeypatch.setattr(phantoms, "_thorax_hu", recording)
+    monkeypatch.setattr(chest_slices, "thorax_hu", recording)
     for seed in range(40):
         ct_slice(CHEST_CLASSES[seed % 4], rng(seed, 12), 64)
     assert 0.4 <= min(levels) < 0.45 and 0.7 < max(levels) <= 0.75, (min(levels), max(levels))
@@ -422,7 +423,7 @@ def test_unknown_kind_and_parameters_are_rejected(tmp_path):
 
 
 def test_interrupted_write_leaves_only_complete_files(tmp_path, monkeypatch):
-    real_tile = phantoms.histology_tile
+    real_tile = writers.histology_tile
     calls = []
 
     def failing_tile(cls, generator, size=768):
@@ -431,7 +432,7 @@ def test_interrupted_write_leaves_only_complete_files(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_tile(cls, generator, size)
 
-    monkeypatch.setattr(phantoms, "histology_tile", failing_tile)
+    monkeypatch.setattr(writers, "histology_tile", failing_tile)
     with pytest.raises(KeyboardInterrupt):
         write_dataset("lc25000", tmp_path, 3, seed=1, size=48)
     assert files_under(tmp_path) == ["lung_image_sets/lung_aca/lungaca1.jpeg"]

@@ -4,9 +4,14 @@ Detection Using Transfer Learning")."""
 
 from __future__ import annotations
 
-from lung_models.lc25000_cnn import LC25000_KAGGLE
-from lung_models.pretrained import PRETRAINED, keras_application
-from lung_models.registry import HISTOLOGY_TILE, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.data.catalog import LC25000
+from lung_models.models.pretrained import PRETRAINED, keras_application
+from lung_models.registry import HISTOLOGY_TILE, ModelSpec, TrainingRecipe, register
+
+DATASET = LC25000.subset(
+    ("lung_n", "lung_aca", "lung_scc"), name="LC25000 (lung subset, 3 classes)",
+    # Documented: 80/20 train/validation (random_state 2022); we hold out a test split too.
+    split={"train": 0.8, "val": 0.1, "test": 0.1, "seed": 2022})
 
 SPEC = ModelSpec(
     name="lc25000-inception-mixed7",
@@ -14,20 +19,12 @@ SPEC = ModelSpec(
     documented_by="Lung Cancer Detection Using Transfer Learning (GeeksforGeeks)",
     modality=HISTOLOGY_TILE,
     input_shape=(256, 256, 3),
-    class_names=("lung_n", "lung_aca", "lung_scc"),
+    test_input_shape=(80, 80, 3),  # InceptionV3 needs at least 75 pixels a side
+    class_names=DATASET.classes,
     output="softmax",
     # The write-up feeds resized 0-255 pixels straight into InceptionV3; so do we.
     preprocessing={"kind": "rgb_image", "size": [256, 256], "scale": 1.0, "layout": "NHWC, RGB 0-255"},
-    dataset=DatasetSpec(
-        name="LC25000 (lung subset, 3 classes)",
-        layout={"lung_n": "lung_n", "lung_aca": "lung_aca", "lung_scc": "lung_scc"},
-        sources={"generated": {"kind": "lc25000", "classes": ["lung_n", "lung_aca", "lung_scc"]},
-                 "kaggle": {"slug": LC25000_KAGGLE}},
-        file_suffixes=(".jpeg", ".jpg", ".png"),
-        # Documented: 80/20 train/validation (random_state 2022); we hold out a test split too.
-        split={"train": 0.8, "val": 0.1, "test": 0.1, "seed": 2022},
-        citation="Borkowski AA et al. Lung and Colon Cancer Histopathological Image Dataset (LC25000), 2019",
-    ),
+    dataset=DATASET,
     recipe=TrainingRecipe(
         epochs=10, batch_size=64, loss="categorical_crossentropy", optimizer="adam", learning_rate=1e-3,
         early_stopping={"monitor": "val_accuracy", "patience": 3, "restore_best_weights": True},

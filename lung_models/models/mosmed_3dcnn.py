@@ -3,9 +3,8 @@ the Keras example "3D image classification from CT scans", MosMedData)."""
 
 from __future__ import annotations
 
-from lung_models.registry import CT_VOLUME, DatasetSpec, ModelSpec, TrainingRecipe, register
-
-RELEASE = "https://github.com/hasibzunair/3D-image-classification-tutorial/releases/download/v0.2"
+from lung_models.data.catalog import MOSMED
+from lung_models.registry import CT_VOLUME, ModelSpec, TrainingRecipe, register
 
 SPEC = ModelSpec(
     name="mosmed-3dcnn",
@@ -13,7 +12,8 @@ SPEC = ModelSpec(
     documented_by="Keras example: 3D image classification from CT scans (H. Zunair)",
     modality=CT_VOLUME,
     input_shape=(128, 128, 64, 1),
-    class_names=("normal", "abnormal"),
+    test_input_shape=(48, 48, 48, 1),  # four conv/pool blocks need at least 46 voxels a side
+    class_names=MOSMED.classes,
     output="sigmoid",
     preprocessing={
         "kind": "ct_volume",
@@ -23,21 +23,7 @@ SPEC = ModelSpec(
         "zoom_order": 1,
         "layout": "NDHWC (x, y, z, channel)",
     },
-    dataset=DatasetSpec(
-        name="MosMedData (CT-0 normal, CT-23 viral pneumonia)",
-        layout={"normal": "CT-0", "abnormal": "CT-23"},
-        sources={
-            "generated": {"kind": "mosmed"},
-            # No sha256 is published for these archives; the downloader records the one it sees.
-            "url": {"archives": [{"url": f"{RELEASE}/CT-0.zip", "sha256": None},
-                                 {"url": f"{RELEASE}/CT-23.zip", "sha256": None}]},
-        },
-        file_suffixes=(".nii", ".nii.gz"),
-        # Documented: 70/30 train/validation per class, validation also used for the reported
-        # accuracy. We hold out a separate test split so the reported number is unbiased.
-        split={"train": 0.7, "val": 0.15, "test": 0.15, "seed": 1337},
-        citation="Morozov SP et al. MosMedData: chest CT scans with COVID-19 related findings, 2020",
-    ),
+    dataset=MOSMED,
     recipe=TrainingRecipe(
         epochs=100,
         batch_size=2,
@@ -51,9 +37,8 @@ SPEC = ModelSpec(
         # Two departures from the example, both about BatchNorm statistics:
         # - The example rotates every training volume. Spline interpolation smooths the noise
         #   (voxel-to-voxel differences about 13% smaller), and validation, test and nightly
-        #   volumes are never rotated, so at inference every layer sees inputs unlike the ones its
-        #   statistics were gathered on: a demo model called 11 of 16 normal training volumes
-        #   abnormal once they were rotated, 1 of 16 as they were. We rotate half.
+        #   volumes are never rotated, so at inference every layer would see inputs unlike the
+        #   ones its statistics were gathered on. Rotating half keeps unrotated volumes in them.
         # - The example shuffles freely. In training, BatchNorm centres each batch on its own
         #   mean, so an all-normal batch is shifted as if half of it were abnormal; the model
         #   learns with that shift, and at inference the moving averages do not apply it. Every

@@ -9,9 +9,10 @@ from typing import Any
 import keras
 from keras import layers
 
-from lung_models.registry import HISTOLOGY_TILE, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.data.catalog import LC25000
+from lung_models.registry import HISTOLOGY_TILE, ModelSpec, TrainingRecipe, register
 
-LC25000_KAGGLE = "andrewmvd/lung-and-colon-cancer-histopathological-images"
+DATASET = LC25000.subset(("lung_aca", "lung_scc"))
 
 SPEC = ModelSpec(
     name="lc25000-cnn",
@@ -19,20 +20,11 @@ SPEC = ModelSpec(
     documented_by="Sub-classifying Lung Cancer with TensorFlow 2 and Keras (S. Fuke, GitHub)",
     modality=HISTOLOGY_TILE,
     input_shape=(256, 256, 3),
-    class_names=("lung_aca", "lung_scc"),
+    test_input_shape=(64, 64, 3),
+    class_names=DATASET.classes,
     output="sigmoid",
     preprocessing={"kind": "rgb_image", "size": [256, 256], "scale": 1 / 255, "layout": "NHWC"},
-    dataset=DatasetSpec(
-        name="LC25000 (lung subset)",
-        layout={"lung_aca": "lung_aca", "lung_scc": "lung_scc"},
-        sources={
-            "generated": {"kind": "lc25000", "classes": ["lung_aca", "lung_scc"]},
-            "kaggle": {"slug": LC25000_KAGGLE},
-        },
-        file_suffixes=(".jpeg", ".jpg", ".png"),
-        split={"train": 0.8, "val": 0.1, "test": 0.1, "seed": 1337},
-        citation="Borkowski AA et al. Lung and Colon Cancer Histopathological Image Dataset (LC25000), 2019",
-    ),
+    dataset=DATASET,
     recipe=TrainingRecipe(
         # The write-up does not state epochs or batch size; 32 is flow_from_directory's default
         # batch and 10 epochs reach its reported accuracy range.

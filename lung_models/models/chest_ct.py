@@ -6,7 +6,8 @@ custom models evaluated individually, as an ensemble, and chained"):
 - ``chest-cnn``: a custom CNN;
 - ``chest-ensemble``: both trained submodels in one graph, combined either by the plain average
   of their probabilities or by a trained Dense(4) on that average, whichever is better on
-  validation (the documented design trained only the combiner, which collapsed);
+  validation: the write-up trains only the combiner, and a combiner trained on a few hundred
+  slices can collapse onto one class, which the plain average cannot;
 - ``chest-chained``: ResNet50 branch without its output layer → Dense → Dropout → Dense 4,
   trained end to end.
 
@@ -20,22 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from lung_models.pretrained import PRETRAINED, keras_application
-from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, DatasetSpec, ModelSpec, TrainingRecipe, register
+from lung_models.data.catalog import CHEST_CT
+from lung_models.models.blocks import augmentation, rescale
+from lung_models.models.pretrained import PRETRAINED, keras_application
+from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
-CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
-
-DATASET = DatasetSpec(
-    name="Chest CT-Scan images (Kaggle mohamedhanyyy/chest-ctscan-images)",
-    # train/valid folders carry TNM suffixes, test uses the short names: match by prefix.
-    layout={"adenocarcinoma": "adenocarcinoma*", "large.cell.carcinoma": "large.cell.carcinoma*",
-            "normal": "normal*", "squamous.cell.carcinoma": "squamous.cell.carcinoma*"},
-    sources={"generated": {"kind": "chest_ct"}, "kaggle": {"slug": "mohamedhanyyy/chest-ctscan-images"}},
-    file_suffixes=(".png", ".jpg", ".jpeg"),
-    # The data set ships its own splits; a copy without a test folder gets one carved from train.
-    split={"folders": {"train": "train", "val": "valid", "test": "test"}, "seed": 1337,
-           "carve": {"val": 0.1, "test": 0.2}},
-)
 PREPROCESSING = {"kind": "rgb_image", "size": [224, 224], "scale": 1.0,
                  "layout": "NHWC, RGB 0-255 (the model rescales)", "ct_window": CT_SLICE_WINDOW}
 RECIPE = TrainingRecipe(
@@ -72,8 +62,11 @@ def _spec(name: str, title: str, documented: float, demo: dict[str, Any] = DEMO_
         name=name, title=title,
         documented_by="Medical Image Classification with CNNs: pre-trained and custom models "
                       "evaluated individually, as an ensemble, and chained",
-        modality=CT_SLICE, input_shape=(224, 224, 3), class_names=CLASSES, output="softmax",
-        preprocessing=PREPROCESSING, dataset=DATASET, recipe=RECIPE, profiles={"demo": dict(demo)},
+        modality=CT_SLICE, input_shape=(224, 224, 3), class_names=CHEST_CT.classes, output="softmax",
+        # The CNN's five conv/pool blocks need 94 pixels a side; the family shares one size because
+        # the ensemble holds both submodels.
+        test_input_shape=(96, 96, 3),
+        preprocessing=PREPROCESSING, dataset=CHEST_CT, recipe=RECIPE, profiles={"demo": dict(demo)},
         documented_metrics={"test_accuracy": documented}, **extra)
 
 
@@ -85,15 +78,6 @@ CHAINED_SPEC = _spec("chest-chained", "ResNet50 features chained into the custom
                      pretrained=RESNET)
 
 
-def _augment_and_rescale(inputs):
-    from keras import layers
-
-    x = layers.RandomFlip("horizontal", name="augment_flip")(inputs)
-    x = layers.RandomRotation(0.1, name="augment_rotation")(x)
-    x = layers.RandomZoom(0.1, name="augment_zoom")(x)
-    return layers.Rescaling(1 / 255, name="rescale")(x)
-
-
 def _resnet_features(spec: ModelSpec, input_shape, weights: str):
     """Input → augmentation → rescale → frozen ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
     import keras
@@ -103,7 +87,7 @@ def _resnet_features(spec: ModelSpec, input_shape, weights: str):
     base = keras_application(keras.applications.ResNet50, weights, include_top=False, pooling="max",
                              input_shape=tuple(input_shape or spec.input_shape))
     base.trainable = False
-    x = base(_augment_and_rescale(inputs), training=False)
+    x = base(rescale(augmentation(inputs)), training=False)
     x = layers.BatchNormalization(name="head_bn")(x)
     x = layers.Dense(256, activation="relu", name="head_dense")(x)
     x = layers.Dropout(0.25, name="head_dropout")(x)
@@ -121,9 +105,9 @@ def build_resnet(spec: ModelSpec = RESNET_SPEC, input_shape=None, weights: str =
 
 # The write-up gives the custom CNN's pattern (Conv2D/MaxPool blocks → Flatten → Dense → Dropout →
 # Dense 4) but not its sizes. Five 3×3 blocks see 94 pixels (about 150 mm, a lung's width) around
-# each flattened cell, enough to tell a hilar mass from a peripheral one; three blocks (22 pixels,
-# the first version) learnt far more slowly on the same slices. He initialisation suits the ReLU
-# stack; the Flatten leaves 5×5×256 features at 224×224 (inputs need at least 94 pixels a side).
+# each flattened cell: what tells a hilar mass from a peripheral one is where it sits in the lung,
+# which a smaller field of view cannot see. He initialisation suits the ReLU stack; the Flatten
+# leaves 5×5×256 features at 224×224 (inputs need at least 94 pixels a side).
 CNN_FILTERS = (16, 32, 64, 128, 256)
 
 
@@ -133,7 +117,7 @@ def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None):
     from keras import layers
 
     inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
-    x = _augment_and_rescale(inputs)
+    x = rescale(augmentation(inputs))
     for filters in CNN_FILTERS:
         x = layers.Conv2D(filters, 3, activation="relu", kernel_initializer="he_normal")(x)
         x = layers.MaxPooling2D()(x)

@@ -1,0 +1,84 @@
+"""Layers the model families share.
+
+Augmentation and rescaling live inside the models, so an exported graph (traced with
+``training=False``, which turns the random layers off) takes raw 0-255 pixels and needs nothing
+done to them outside. The custom layers are registered with Keras under the package name
+``lung_models``, so checkpoints load by that name wherever the class lives.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def augmentation(x, flip: str = "horizontal", rotation: float = 0.1, zoom: float = 0.1,
+                 zoom_width: float | None = None):
+    """Random flip, rotation and zoom (``keras.layers.RandomZoom(zoom, zoom_width)``), in that order;
+    active only in training."""
+    from keras import layers
+
+    x = layers.RandomFlip(flip, name="augment_flip")(x)
+    x = layers.RandomRotation(rotation, name="augment_rotation")(x)
+    return layers.RandomZoom(zoom, zoom_width, name="augment_zoom")(x)
+
+
+def rescale(x):
+    """0-255 pixels to 0-1."""
+    from keras import layers
+
+    return layers.Rescaling(1 / 255, name="rescale")(x)
+
+
+@keras.saving.register_keras_serializable(package="lung_models")
+class ChannelNormalization(keras.layers.Layer):
+    """``(x - mean) / sqrt(variance)`` per channel, with the statistics of the training images.
+
+    Same arithmetic as an adapted ``keras.layers.Normalization``, but the statistics are layer
+    weights (variables): Keras' own layer keeps them as captured constants, which tf2onnx turns
+    into extra graph inputs instead of folding them into the ONNX file.
+    """
+
+    def __init__(self, channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.mean = self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name="mean")
+        self.variance = self.add_weight(shape=(channels,), initializer="ones", trainable=False, name="variance")
+
+    def adapt(self, images: np.ndarray) -> None:
+        flat = np.asarray(images, dtype="float64").reshape(-1, self.channels)
+        self.mean.assign(flat.mean(axis=0).astype("float32"))
+        self.variance.assign(flat.var(axis=0).astype("float32"))
+
+    def call(self, inputs):
+        return (inputs - self.mean) / keras.ops.sqrt(keras.ops.maximum(self.variance, 1e-7))
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="lung_models")
+class HubFeatures(keras.layers.TFSMLayer):
+    """A TF-Hub image feature-vector module as a trainable Keras 3 layer.
+
+    Uses the module's ``serving_default`` signature when it has one, else its ``__call__``, and
+    renames the variables' paths: TF1-style names end in ``:0``, and Keras optimisers build slot
+    variable names from the path, which may not contain ``:``.
+    """
+
+    def __init__(self, filepath: str, **kwargs):
+        import tensorflow as tf
+
+        endpoint = kwargs.pop("call_endpoint", None)
+        if endpoint is None:
+            endpoint = "serving_default" if "serving_default" in tf.saved_model.load(filepath).signatures \
+                else "__call__"
+        super().__init__(filepath, call_endpoint=endpoint, **kwargs)
+        for variable in self.weights:
+            variable._path = variable.path.replace(":", "_")
+
+    def call(self, inputs, training=False, **kwargs):
+        out = super().call(inputs, training=training, **kwargs)
+        if isinstance(out, dict):  # a signature returns {name: tensor}
+            (out,) = out.values()
+        return out

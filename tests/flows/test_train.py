@@ -1,0 +1,50 @@
+"""The train flow's bundles (the session's factory): every registered model trained, evaluated and
+exported, with its card, files and split manifest.
+
+Models train for two epochs on small inputs (the architectures are the documented ones, only the
+input size shrinks) so the suite stays fast; the demo and the benchmark scripts measure accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from lung_models import registry
+from lung_models.bundle import LATEST, load_bundle
+from lung_models.fileutil import sha256_file
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_model_trains_exports_and_onnx_matches_keras(factory, name):
+    path = Path(factory["bundles"][name])
+    bundle = load_bundle(path)
+    for f in ("model.onnx", "model_card.json", "metrics.json", "split_manifest.json", "history.json",
+              "training_curves.png", "confusion_matrix.png", "model.keras"):
+        assert (path / f).is_file(), f
+    card = bundle.card
+    assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
+    assert card["parity"]["class_mismatches"] == 0 and card["parity"]["items"] == card["metrics"]["n"] > 0
+    assert card["onnx_sha256"] == sha256_file(path / "model.onnx")
+    assert card["model"]["class_names"] == list(registry.get(name).spec.class_names)
+    assert card["training"]["device"] in ("CPU",) or card["training"]["device"].startswith("GPU")
+    assert card["data"]["provenance"]["kind"] == "local"
+    assert card["input"]["shape"][1:] == list(registry.get(name).spec.test_input_shape)
+    metrics = card["metrics"]
+    assert 0 <= metrics["accuracy_ci95_wilson"][0] <= metrics["accuracy"] <= metrics["accuracy_ci95_wilson"][1]
+    assert set(metrics["per_class"]) == set(card["model"]["class_names"])
+    assert (path.parent / LATEST).read_text().strip() == path.name
+    props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
+    assert props["model_name"] == name and props["version"] == card["version"]
+    assert json.loads(props["class_names"]) == card["model"]["class_names"]
+    assert json.loads(props["preprocessing"]) == card["preprocessing"]
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_split_manifest_has_disjoint_splits(factory, name):
+    manifest = json.loads((Path(factory["bundles"][name]) / "split_manifest.json").read_text())
+    seen = [e["sha256"] for split in ("train", "val", "test") for e in manifest["splits"][split]]
+    assert len(seen) == len(set(seen)) > 0
