@@ -44,9 +44,34 @@ def probability_function(model, output_kind: str, input_shape: tuple[int, ...]):
     return probabilities
 
 
+def _collect_after_each_tf2onnx_pass() -> None:
+    """tf2onnx deep-copies the whole graph, weights included, before each optimizer pass and
+    rebuilds every node's proto after it. The copies are reference cycles that Python's collector
+    reaches only now and then, so they piled up: converting the demo's InceptionV3 took 8.3 GiB,
+    3.0 GiB with a collection after each pass (no slower)."""
+    import gc
+
+    from tf2onnx.optimizer import optimizer_base
+
+    base = optimizer_base.GraphOptimizerBase
+    if getattr(base.optimize, "collects_garbage", False):
+        return
+    original = base.optimize
+
+    def optimize(self, graph, iteration):
+        try:
+            return original(self, graph, iteration)
+        finally:
+            gc.collect()
+
+    optimize.collects_garbage = True
+    base.optimize = optimize
+
+
 def convert(fn, path: Path) -> None:
     import tf2onnx
 
+    _collect_after_each_tf2onnx_pass()
     tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=OPSET,
                                   output_path=str(path))
 
