@@ -133,13 +133,14 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
 
     _check_models(models)
     started = time.perf_counter()
-    bundles = train_models(models=models, profile="demo", source="generated", exports_dir=exports_dir,
-                           work_dir=work_dir)
-    incoming = Path(work_dir) / "incoming"
-    write_incoming(incoming, seed=int(time.time()) % 100000, n_slices=4, n_dicom_series=1)
-    # The demo wrote these files a moment ago: no settling time (the nightly default waits 60 s).
-    report = score_folder(input_dir=str(incoming), output_dir=str(Path(work_dir) / "reports"),
-                          exports_dir=exports_dir, settle_seconds=0)
+    with TreeMemory() as memory:
+        bundles = train_models(models=models, profile="demo", source="generated", exports_dir=exports_dir,
+                               work_dir=work_dir)
+        incoming = Path(work_dir) / "incoming"
+        write_incoming(incoming, seed=int(time.time()) % 100000, n_slices=4, n_dicom_series=1)
+        # The demo wrote these files a moment ago: no settling time (the nightly default waits 60 s).
+        report = score_folder(input_dir=str(incoming), output_dir=str(Path(work_dir) / "reports"),
+                              exports_dir=exports_dir, settle_seconds=0)
     typer.echo("\n=== demo summary (generated data, demo profile) ===")
     typer.echo(f"{'model':26s} {'train acc/loss':>15s} {'val acc/loss':>15s} {'test acc/loss':>15s}  test 95% CI")
     cards = {name: load_bundle(path).card for name, path in bundles.items()}
@@ -152,17 +153,59 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
     typer.echo(f"scores CSV:     {report}")
     typer.echo(f"cumulative CSV: {Path(report).with_name('scores-cumulative.csv')}")
     typer.echo(f"wall time:      {time.perf_counter() - started:.0f} s")
-    typer.echo(f"peak memory:    {peak_memory_line()}")
+    typer.echo(f"peak memory:    {peak_memory_line(memory.peak_gib)}")
 
 
-def peak_memory_line() -> str:
-    """This process's peak resident set, and the largest of its finished child processes' (Prefect's
-    temporary server, converters): what GNU time's maximum resident set would report, less the install."""
+def peak_memory_line(tree_peak_gib: float | None = None) -> str:
+    """The largest resident set of this process and of its finished child processes (what GNU time's
+    maximum resident set reports, less the install), and the sampled peak of the whole process
+    tree's proportional set size (each shared page counted once), when it was sampled."""
     import resource
 
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return f"{own:.1f} GiB resident at most (largest child process: {child:.1f} GiB)"
+    line = f"{max(own, child):.1f} GiB in the largest process (this one: {own:.1f} GiB)"
+    if tree_peak_gib is not None:
+        line += f"; {tree_peak_gib:.1f} GiB summed over the process tree at most (PSS, sampled every second)"
+    return line
+
+
+class TreeMemory:
+    """Samples the summed proportional set size of this process and all its descendants (the model
+    processes, converters, Prefect's server) once a second, in a background thread."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak_gib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
+
+    def sample(self) -> float:
+        import psutil
+
+        root = psutil.Process()
+        total = 0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                total += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, AttributeError):
+                continue  # ended between listing and reading, or no PSS on this platform
+        return total / 2**30
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_gib = max(self.peak_gib, self.sample())
+
+    def __enter__(self) -> TreeMemory:
+        self.peak_gib = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from lung_models import preprocess
 from lung_models.bundle import CARD, LATEST, ONNX
-from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file, utc_stamp
+from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file, utc_now, utc_stamp
 from lung_models.registry import ModelSpec
 
 OPSET = 17
@@ -206,7 +205,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
         final = model_dir / version
         card: dict[str, Any] = {
             "version": version,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": utc_now(),
             "model": {"name": spec.name, "title": spec.title, "documented_by": spec.documented_by,
                       "modality": spec.modality, "class_names": list(spec.class_names),
                       "documented_metrics": spec.documented_metrics},

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from lung_models.data import dicom, phantoms
+from lung_models.data import dicom_writer, phantoms
 
 PHI = ("Doe^Jane", "MRN12345", "19700101")
 HOUR_AGO = time.time() - 3600
@@ -51,7 +51,7 @@ def write_series(folder: Path, seed: int, **kw) -> list[Path]:
     import pydicom
 
     vol, spacing = phantom_volume(seed)
-    files = dicom.write_series(vol, spacing, folder, patient_name=PHI[0], patient_id=PHI[1], **kw)
+    files = dicom_writer.write_series(vol, spacing, folder, patient_name=PHI[0], patient_id=PHI[1], **kw)
     for f in files:
         ds = pydicom.dcmread(f)
         ds.PatientBirthDate = PHI[2]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from lung_models.bundle import ModelBundle
-from lung_models.data import dicom, phantoms
+from lung_models.data import dicom, dicom_writer, phantoms
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, CT_VOLUME, HISTOLOGY_TILE
 from lung_models.scoring import Ledger, decode, discover, pipeline, rows
 from lung_models.scoring import discovery as discover_mod
@@ -62,8 +62,8 @@ def mixed_folder(tmp_path) -> Path:
     vol, affine = phantoms.ct_volume("normal", np.random.default_rng(3), in_plane=48, slices=12)
     nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), str(folder / "scan.nii.gz"))
     spacing = tuple(float(v) for v in np.abs(np.diag(affine)[:3]))
-    dicom.write_series(vol, spacing, folder / "series")
-    lone = dicom.write_series(vol[:, :, :1], spacing, folder / "lone")  # one slice: a scan of its own
+    dicom_writer.write_series(vol, spacing, folder / "series")
+    lone = dicom_writer.write_series(vol[:, :, :1], spacing, folder / "lone")  # one slice: a scan of its own
     assert len(lone) == 1
     return folder
 
@@ -155,7 +155,7 @@ def test_the_decode_window_stays_bounded_under_a_slow_model(tmp_path):
 def test_a_series_that_is_no_volume_is_still_slices_for_2d_models(tmp_path):
     folder = tmp_path / "in"
     vol, affine = phantoms.ct_volume("normal", np.random.default_rng(3), in_plane=48, slices=12)
-    files = dicom.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), folder / "series")
+    files = dicom_writer.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), folder / "series")
     files[5].unlink()  # a gap: no volume
     models = _models()
     out = {r["model"]: r for b in pipeline.score(_jobs(folder, models), folder) for r in b}

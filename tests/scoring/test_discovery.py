@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lung_models import scoring
-from lung_models.data import dicom, phantoms
+from lung_models.data import dicom, dicom_writer, phantoms
 
 SLICE = phantoms.ct_slice("normal", np.random.default_rng(1), size=128)
 
@@ -41,7 +41,7 @@ def test_a_name_that_is_not_utf8_is_refused_by_name_not_a_crash(tmp_path):
 
 def test_a_series_with_an_unreadable_slice_in_its_folder_is_rejected_not_scored_short(tmp_path):
     vol, affine = phantoms.ct_volume("normal", np.random.default_rng(4), in_plane=32, slices=10)
-    files = dicom.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), tmp_path / "series")
+    files = dicom_writer.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), tmp_path / "series")
     files[-1].write_bytes(b"")  # the last slice arrived empty
     series = [i for i in scoring.discover(tmp_path).items if i.file_kind == "dicom_series"]
     assert len(series) == 1 and series[0].refusal_status == "rejected", series
@@ -51,7 +51,7 @@ def test_a_series_with_an_unreadable_slice_in_its_folder_is_rejected_not_scored_
 
 def _series_in(folder: Path, seed: int = 4) -> list[Path]:
     vol, affine = phantoms.ct_volume("normal", np.random.default_rng(seed), in_plane=32, slices=10)
-    return dicom.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), folder)
+    return dicom_writer.write_series(vol, tuple(float(v) for v in np.abs(np.diag(affine)[:3])), folder)
 
 
 def test_a_non_utf8_pipe_or_outside_link_is_neither_opened_nor_waited_on(tmp_path):

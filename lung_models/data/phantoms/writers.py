@@ -260,7 +260,7 @@ def write_incoming(root: Path, seed: int, n_tiles: int = 4, n_volumes: int = 2, 
         image = ct_slice(cls, np.random.default_rng([int(seed), 4, i]), slice_size)
         written.append(atomic_write_bytes(root / "ct-slices" / f"slice_{i + 1:03d}.png", _png_bytes(image)))
     if n_dicom_series:
-        from lung_models.data.dicom import write_series
+        from lung_models.data.dicom_writer import write_series
 
     for i in range(n_dicom_series):
         cls = MOSMED_CLASSES[int(pick.integers(len(MOSMED_CLASSES)))]
