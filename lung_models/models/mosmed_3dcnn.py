@@ -50,13 +50,13 @@ SPEC = ModelSpec(
     # demo: BatchNorm's moving statistics with the default momentum (0.99) are still mostly their
     # initial values after the couple of hundred steps a demo can afford, so inference-mode outputs
     # come out constant; momentum 0.9 lets them converge, and batches of 4 make the batch statistics
-    # less noisy. Volumes are resampled to 64x64x48 (a fifth of the documented voxels) to fit a
-    # CPU's minutes, and enough are generated for a test split that can show learning (24 volumes);
-    # training takes 40 a class of the rest.
+    # less noisy. Volumes are resampled to 48x48x48 (a tenth of the documented voxels; the four
+    # conv/pool blocks need 46) to fit a CPU's minutes, and enough are generated for a test split
+    # that can show learning (36 volumes).
     # Layers, optimiser and learning rate are the documented ones.
-    profiles={"demo": {"epochs": 10, "batch_size": 4, "generated_per_class": 80, "generated_in_plane": 128,
+    profiles={"demo": {"epochs": 10, "batch_size": 4, "generated_per_class": 120, "generated_in_plane": 128,
                        "generated_slices": [40, 60], "build_options": {"bn_momentum": 0.9},
-                       "input_shape": (64, 64, 48, 1), "max_per_class": 40}},
+                       "input_shape": (48, 48, 48, 1)}},
     documented_metrics={"val_accuracy": 0.78, "val_accuracy_full_dataset": 0.83},
 )
 
