@@ -103,15 +103,16 @@ def summary_rows(name: str, card: dict) -> list[str]:
     recipe = card["training"].get("recipe") or {}
     if recipe.get("smoke_run"):
         rows.append(f"{'':26s} ^ SMOKE RUN: {card['weights_init']}; {recipe.get('epochs')} epoch(s) on a few "
-                    "images prove the chain (data, training, ONNX, int8, scoring), not the model")
+                    "images prove the chain (data, training, ONNX, scoring), not the model")
     elif lo >= DEMO_LEARNED_BOUND:
         rows.append(f"{'':26s} ^ learned: test accuracy's 95% lower bound {lo:.3f} >= {DEMO_LEARNED_BOUND:.2f}")
     else:
         rows.append(f"{'':26s} ^ DID NOT SHOW LEARNING: test accuracy's 95% lower bound {lo:.3f} < "
                     f"{DEMO_LEARNED_BOUND:.2f} (n={m['n']})")
     if recipe.get("input_shape"):
-        rows.append(f"{'':26s} ^ trained at {'x'.join(str(v) for v in recipe['input_shape'])} input (demo "
-                    "profile; the full profile trains at the documented size)")
+        shape = (card.get("input") or {}).get("shape", [None, *recipe["input_shape"]])[1:]  # what it ran at
+        rows.append(f"{'':26s} ^ trained at {'x'.join(str(v) for v in shape)} input (demo profile; the full "
+                    "profile trains at the documented size)")
     choice = (card["training"].get("finalize") or {}).get("summary")
     if choice:
         rows.append(f"{'':26s} ^ {choice}")

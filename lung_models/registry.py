@@ -59,7 +59,7 @@ class TrainingRecipe:
     # Train (and export) at this input size instead of the spec's: same layers, fewer pixels. Only
     # the demo profile uses it, to fit a CPU's minutes; the full profile trains at the documented size.
     input_shape: tuple[int, ...] | None = None
-    # A run that proves the chain (data → training → ONNX → int8 → scoring) works end to end, not
+    # A run that proves the chain (data → training → ONNX → scoring) works end to end, not
     # that the model learns: what the demo does for models whose pretrained backbone cannot be had
     # offline. Said on the demo's summary row and in the model card.
     smoke_run: bool = False

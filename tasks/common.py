@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue as queue_module
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -45,6 +48,16 @@ def in_a_model_process() -> bool:
 def _start_model_process(progress) -> None:
     global _PROGRESS
     _PROGRESS = progress
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        # A flow process killed outright cannot stop its model process; without this it would
+        # train on, then hold TensorFlow's memory waiting for work that never comes.
+        while os.getppid() == parent:
+            time.sleep(5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 @contextmanager
@@ -64,6 +77,13 @@ def model_process(model_name: str) -> Iterator[None]:
     _WORKER = (pool, progress, model_name)
     try:
         yield
+    except BaseException:
+        # Cancelled, interrupted or failed: stop the model's work now rather than wait for it
+        # (shutdown does not cancel a running call; ProcessPoolExecutor has no public way to
+        # stop its workers before Python 3.14's terminate_workers).
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        raise
     finally:
         _WORKER = None
         pool.shutdown(wait=True, cancel_futures=True)
@@ -92,5 +112,6 @@ def in_model_process(fn: Callable[..., T], *args: Any) -> T:
         return future.result()
     except BrokenProcessPool as exc:
         raise RuntimeError(f"{model_name}: the process running its training/export ended abruptly (killed, "
-                           "most often by the kernel when memory ran out; see `dmesg`). Nothing it wrote "
-                           "to the exports folder is published before its bundle is complete.") from exc
+                           "most often by the kernel when memory ran out: see `dmesg`; or its result could "
+                           "not be passed back). Nothing it wrote to the exports folder is published before "
+                           "its bundle is complete.") from exc

@@ -221,7 +221,7 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
             progress: Callable[[str], None] | None = None) -> PreparedData:
     """Split ``root``'s files and cache their preprocessed arrays; idempotent.
 
-    ``input_shape`` (tests only) overrides the spatial size so tiny models train quickly.
+    ``input_shape`` (tests, and the demo profile's smaller inputs) overrides the spatial size.
     """
     say = progress or log.info
     params = dict(spec.preprocessing)

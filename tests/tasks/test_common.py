@@ -41,3 +41,24 @@ def test_a_model_process_that_dies_fails_its_task_with_the_model_named():
     with pytest.raises(RuntimeError, match="some-model: the process running its training/export ended abruptly"):
         with common.model_process("some-model"):
             common.in_model_process(_die)
+
+
+def _sleep_long() -> None:
+    import time
+
+    time.sleep(300)
+
+
+def test_a_failing_flow_stops_its_model_process_instead_of_waiting_for_it():
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with common.model_process("some-model"):
+            pool = common._WORKER[0]
+            pool.submit(_sleep_long)
+            time.sleep(1.0)  # the worker has started the long call
+            processes = list(pool._processes.values())
+            raise KeyboardInterrupt  # what a cancelled or interrupted flow raises in its thread
+    assert time.perf_counter() - started < 60
+    assert processes and not any(p.is_alive() for p in processes)
