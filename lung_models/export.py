@@ -83,25 +83,6 @@ def convert(fn, path: Path) -> None:
         gc.unfreeze()
 
 
-def _convert_checkpoint(checkpoint: str, output_kind: str, input_shape: tuple[int, ...], path: str) -> None:
-    """Run in a child process: load the checkpoint and convert its probability function."""
-    from lung_models.training import load_checkpoint
-
-    model = load_checkpoint(checkpoint)
-    convert(probability_function(model, output_kind, input_shape), Path(path))
-
-
-def convert_in_subprocess(checkpoint: Path, output_kind: str, input_shape: tuple[int, ...], path: Path) -> None:
-    """``convert`` of the saved model in a fresh process, so that what tf2onnx takes (about 6 GiB for a
-    ResNet50 at 224 pixels, held by TensorFlow afterwards) is given back before the int8 step and the
-    next model. Spawned, not forked: the parent holds TensorFlow's and ONNX Runtime's threads."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_convert_checkpoint, str(checkpoint), output_kind, tuple(input_shape), str(path)).result()
-
-
 def ort_session(path: Path, providers: list[str] | None = None):
     """The session the scorer opens (same options), so parity is checked on what the scorer runs."""
     from lung_models.scoring.runtime import open_session
@@ -164,15 +145,13 @@ def _versions() -> dict[str, str]:
 def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[str, Any],
                   exports_root: Path, card_extra: dict[str, Any], files: dict[str, Path],
                   progress: Callable[[str], None] = print, test_y: np.ndarray | None = None,
-                  calib_x: np.ndarray | None = None, checkpoint: Path | None = None) -> Path:
+                  calib_x: np.ndarray | None = None) -> Path:
     """Convert, check parity on the test arrays, write the bundle, then point LATEST at it.
 
     ``params`` is the preprocessing that produced ``test_x`` (the spec's, or a test's smaller
     size); it goes into the card unchanged so the scorer reproduces it. ``files`` are copied into
     the bundle under their keys (metrics, plots, split manifest, checkpoint...). With ``test_y`` and
-    ``calib_x`` (training inputs) an int8 variant is made and gated too (see ``quantize``). With
-    ``checkpoint`` (the saved ``model``), the conversion runs in a child process from that file; the
-    parity check against ``model`` in this process still proves the graph is the model's.
+    ``calib_x`` (training inputs) an int8 variant is made and gated too (see ``quantize``).
     """
     import onnx
 
@@ -185,10 +164,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
     try:
         onnx_path = staging / ONNX
         progress(f"{spec.name}: converting to ONNX (opset {OPSET})")
-        if checkpoint is not None:
-            convert_in_subprocess(checkpoint, spec.output, input_shape, onnx_path)
-        else:
-            convert(fn, onnx_path)
+        convert(fn, onnx_path)
         session = ort_session(onnx_path)
         parity = check_parity(fn, session, test_x, params)
         progress(f"{spec.name}: parity on {parity['items']} test items: max |Δp| = "

@@ -40,11 +40,6 @@ def say(message: str) -> None:
     run_logger().info(message)
 
 
-def in_a_model_process() -> bool:
-    """Whether this code runs in a model process (see model_process), which ends with its model."""
-    return _PROGRESS is not None
-
-
 def _start_model_process(progress) -> None:
     global _PROGRESS
     _PROGRESS = progress

@@ -14,14 +14,14 @@ from prefect.artifacts import create_table_artifact
 from lung_models import evaluation, export, preprocess, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
-from tasks.common import in_a_model_process, in_model_process, say
+from tasks.common import in_model_process, say
 
 
 def release_tensorflow_memory() -> None:
     """Drop the Keras graphs and traced functions of the model a task just finished with.
 
-    One flow trains every model in one process; without this, graphs and conversion buffers of
-    the earlier models pile up (measured: the eight-model demo was OOM-killed at 24 GB RSS).
+    In a flow each model's process ends with it; a task called on its own (tests, a lone run)
+    shares its caller's process, where graphs of earlier models would otherwise pile up.
     """
     import gc
 
@@ -144,11 +144,7 @@ def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_pat
              "confusion_matrix.png": run / "confusion_matrix.png", "model.keras": Path(trained["checkpoint"])}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
-                                  progress=say, test_y=y_test, calib_x=None if smoke else x_train,
-                                  # A model process ends with its model, giving back what the
-                                  # conversion took; a converter process of its own (a TensorFlow
-                                  # import, ~10 s) pays off only where the caller lives on.
-                                  checkpoint=None if in_a_model_process() else Path(trained["checkpoint"]))
+                                  progress=say, test_y=y_test, calib_x=None if smoke else x_train)
     del model
     release_tensorflow_memory()
     return str(bundle)
