@@ -49,7 +49,8 @@ def models() -> None:
 @app.command()
 def train(
     models: list[str] | None = typer.Option(None, "--models", "-m", help="model names (default: all)"),
-    profile: str = typer.Option("demo", help="full = documented recipe, demo = small and fast"),
+    profile: str = typer.Option("demo", help="full = documented recipe, tuned = the documented network "
+                                              "trained for small real data sets, demo = small and fast"),
     source: str = typer.Option("generated", help="generated | kaggle | url | local"),
     data_dir: str | None = typer.Option(None, help="data set folder, for --source local"),
     exports_dir: str = typer.Option("exports"),
@@ -58,6 +59,8 @@ def train(
     max_per_class: int | None = typer.Option(None, help="use at most this many files per class"),
     weights: str | None = typer.Option(None, help="pretrained | random | path to a weights file or TF-Hub "
                                                   "module folder (default: the profile's)"),
+    folds: int | None = typer.Option(None, help="first cross-validate each model's recipe k-fold on the pooled "
+                                                "train and validation splits (figures in the model card)"),
 ) -> None:
     """Run the train flow: fetch, preprocess, train, evaluate and export each model."""
     from flows.train import train_models
@@ -65,7 +68,7 @@ def train(
     _check_models(models)
     bundles = train_models(models=models, profile=profile, source=source, data_dir=data_dir,
                            exports_dir=exports_dir, work_dir=work_dir, epochs=epochs,
-                           batch_size=batch_size, max_per_class=max_per_class, weights=weights)
+                           batch_size=batch_size, max_per_class=max_per_class, weights=weights, folds=folds)
     typer.echo(json.dumps(bundles, indent=2))
 
 

@@ -7,7 +7,7 @@ from prefect import flow
 from lung_models import registry
 from tasks.common import model_process
 from tasks.data import fetch_data, preprocess_data
-from tasks.training import evaluate_model, export_model, train_model
+from tasks.training import cross_validate_model, evaluate_model, export_model, train_model
 
 
 @flow(name="train-models", log_prints=True)
@@ -15,7 +15,7 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
                  data_dir: str | None = None, exports_dir: str = "exports", work_dir: str = "work",
                  epochs: int | None = None, batch_size: int | None = None,
                  max_per_class: int | None = None, seed: int = 1337, weights: str | dict[str, str] | None = None,
-                 input_shape: dict[str, list[int]] | None = None) -> dict[str, str]:
+                 input_shape: dict[str, list[int]] | None = None, folds: int | None = None) -> dict[str, str]:
     """Train, evaluate and export each model; returns ``{model: bundle folder}``.
 
     ``profile`` is ``full`` (the documented recipe) or ``demo`` (few epochs, small generated
@@ -23,7 +23,9 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
     ``weights`` is ``pretrained``, ``random`` (said loudly in logs and cards) or a local weights
     file / TF-Hub module folder (or a dict of those by model name); by default each profile's
     choice (``demo`` uses ``random``: pretrained weights cannot be fetched offline).
-    ``input_shape`` (for tests) maps a model name to a smaller input size.
+    ``input_shape`` (for tests) maps a model name to a smaller input size. ``folds`` (k >= 2)
+    first cross-validates each model's recipe k-fold on its pooled train and validation splits
+    (models built from others are not cross-validated); the figures go into the model card.
     """
     # Dependencies first (an ensemble is built from its trained submodels); unknown names fail here.
     names = registry.training_order(models or registry.names())
@@ -38,8 +40,11 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
         parts = {dep: checkpoints[dep] for dep in registry.get(name).spec.depends_on}
         # TensorFlow's share of the memory is given back when the model's own process ends.
         with model_process(name):
+            crossval = None
+            if folds and not registry.get(name).spec.depends_on:
+                crossval = cross_validate_model(name, prepared, work_dir, profile, overrides, seed, shape, folds)
             trained = train_model(name, prepared, work_dir, profile, overrides, seed, shape, parts)
             checkpoints[name] = trained["checkpoint"]
             metrics = evaluate_model(name, prepared, trained)
-            bundles[name] = export_model(name, prepared, trained, metrics, data, exports_dir)
+            bundles[name] = export_model(name, prepared, trained, metrics, data, exports_dir, crossval)
     return bundles

@@ -18,7 +18,7 @@ def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Accuracy (Wilson 95% CI), per-class precision/recall/specificity/F1, confusion matrix, ROC AUC."""
+    """Accuracy (Wilson 95% CI), macro-F1, per-class precision/recall/specificity/F1, confusion matrix, ROC AUC."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     y_true = np.asarray(y_true, dtype=int)
@@ -52,6 +52,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         "n": total,
         "accuracy": correct / total if total else float("nan"),
         "accuracy_ci95_wilson": [low, high],
+        # The unweighted mean of the per-class F1: a model that ignores a small class shows it here.
+        "macro_f1": float(np.mean(f1)),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_axes": "rows = true class, columns = predicted class",

@@ -101,6 +101,26 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
+# Colour handling recorded in a bundle's preprocessing ("colour"): "rgb" (the default) keeps the
+# decoded colours; "grey" turns every image into its luminance, repeated in three channels. Chest CT
+# exports mix greyscale, RGB and RGBA PNGs and JPEGs, a few with coloured annotations, and a DICOM
+# slice is grey: a model that sees colour can learn which exporter made a slice instead of what is
+# in it.
+COLOURS = ("rgb", "grey")
+
+
+def to_colour(image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """uint8 (H, W, 3) in the colour handling ``params`` asks for (ITU-R 601 luma, as Pillow's "L")."""
+    colour = params.get("colour", "rgb")
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour handling {colour!r}; known: {', '.join(COLOURS)}")
+    if colour == "rgb":
+        return image
+    luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., np.newaxis], 3, axis=-1)
+
+
 def scale_rgb(batch_uint8: np.ndarray, scale: float) -> np.ndarray:
     return batch_uint8.astype(np.float32) * np.float32(scale)
 
@@ -114,7 +134,7 @@ def cache_stage(image_or_volume: np.ndarray, params: dict[str, Any]) -> np.ndarr
     """
     kind = params["kind"]
     if kind == "rgb_image":
-        return resize_rgb(image_or_volume, tuple(params["size"]))
+        return resize_rgb(to_colour(image_or_volume, params), tuple(params["size"]))
     if kind == "ct_volume":
         return preprocess_ct_volume(image_or_volume, params)
     raise ValueError(f"unknown preprocessing kind {kind!r}")

@@ -63,6 +63,22 @@ class TrainingRecipe:
     # that the model learns: what the demo does for models whose pretrained backbone cannot be had
     # offline. Said on the demo's summary row and in the model card.
     smoke_run: bool = False
+    # --- what the ``tuned`` profiles add (none of it changes a layer, a size or the input contract)
+    # Overrides of the spec's preprocessing, e.g. {"colour": "grey"}: recorded in the bundle, so
+    # the scorer prepares its inputs the same way.
+    preprocessing: dict[str, Any] | None = None
+    # "balanced": each training item's loss is weighted inversely to its class's frequency.
+    class_weight: str | None = None
+    # {"over_epochs": 1.0}: the weights validated, kept and exported are an exponential moving
+    # average of the trained ones (Polyak averaging), over about that many epochs of steps.
+    weight_averaging: dict[str, Any] | None = None
+    # {"monitor": "val_loss", "window": 3, "patience": 8}: keep the checkpoint whose mean of the
+    # monitored value over the last ``window`` epochs is best, and stop after ``patience`` epochs
+    # without a better mean, so one lucky epoch on a tiny validation set cannot pick the model.
+    selection: dict[str, Any] | None = None
+    # "flips": after training, also try the model averaged over flipped views of its input (one
+    # graph, exported as such) and keep that only if its validation loss is lower.
+    test_time_augmentation: str | None = None
 
 
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingRecipe))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lung_models import preprocess
+from lung_models import augment, preprocess
 from lung_models.data.datasets import PreparedData
 from lung_models.device import configure_tensorflow
 from lung_models.fileutil import atomic_write_json
@@ -58,17 +58,26 @@ def stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+def balanced_class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """One weight per class, inversely proportional to its frequency (sklearn's "balanced")."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y)
+    weights = np.ones(num_classes, dtype="float32")
+    weights[present] = compute_class_weight("balanced", classes=present, y=y)
+    return weights
+
+
 def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[str, Any],
                  loss: str, num_classes: int, shuffle: bool, augmentation: dict[str, Any] | None,
-                 seed: int, balanced: bool = False):
+                 seed: int, balanced: bool = False, class_weights: np.ndarray | None = None):
     """A Keras ``PyDataset`` over (memory-mapped) cached arrays: per-batch rescaling, optional
-    augmentation, a fresh seeded shuffle every epoch (``balanced``: a stratified one, see
-    ``stratified_order``; without ``shuffle`` the order is the arrays' own)."""
+    augmentation (see :mod:`lung_models.augment`), a fresh seeded shuffle every epoch (``balanced``:
+    a stratified one, see ``stratified_order``; without ``shuffle`` the order is the arrays' own),
+    and per-item loss weights when ``class_weights`` is given."""
     import keras
 
-    if augmentation and augmentation.get("kind") != "volume_rotation":
-        raise ValueError(f"unknown augmentation kind {augmentation.get('kind')!r}; known: volume_rotation "
-                         "(image models augment inside the model)")
+    augment.check(augmentation)
     share = (augmentation or {}).get("probability", 1.0)  # of the items augmented
     if not 0 <= share <= 1:
         raise ValueError(f"augmentation probability must be between 0 and 1, not {share!r}")
@@ -88,10 +97,15 @@ def make_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, params: dict[
 
         def __getitem__(self, index: int):
             idx = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
-            batch = preprocess.batch_stage(x[idx], params)
-            if augmentation:
+            raw = x[idx]
+            if augmentation and augmentation["kind"] in augment.IMAGE_KINDS:
+                raw = augment.images(raw, augmentation, self.rng)
+            batch = preprocess.batch_stage(raw, params)
+            if augmentation and augmentation["kind"] == "volume_rotation":
                 batch = np.stack([preprocess.random_rotate_volume(v, self.rng, augmentation["angles"])
                                   if share >= 1 or self.rng.random() < share else v for v in batch])
+            if class_weights is not None:
+                return batch, self.labels[idx], class_weights[y[idx]]
             return batch, self.labels[idx]
 
         def on_epoch_end(self) -> None:
@@ -106,9 +120,17 @@ def monitor_mode(monitor: str) -> str:
     return "max" if "acc" in monitor else "min"
 
 
-def make_optimizer(recipe: TrainingRecipe):
-    """The recipe's optimizer, with its learning-rate schedule (``exponential_decay``: ``decay_steps``,
-    ``decay_rate``, optional ``staircase``) if it has one; any other schedule kind is refused."""
+def make_optimizer(recipe: TrainingRecipe, steps_per_epoch: int = 1):
+    """The recipe's optimizer, with its learning-rate schedule if it has one:
+
+    - ``exponential_decay``: ``decay_steps``, ``decay_rate``, optional ``staircase``;
+    - ``warmup_cosine``: a linear warm-up from a tenth of the learning rate over ``warmup_epochs``,
+      then a cosine decay to ``alpha`` times it at the last epoch (so a from-scratch network's
+      first, largest gradients cannot throw it far, and the last epochs settle).
+
+    Any other kind is refused. ``weight_averaging`` turns on the optimizer's moving average of the
+    weights, over ``over_epochs`` epochs' worth of steps.
+    """
     import keras
 
     lr: Any = recipe.learning_rate
@@ -117,12 +139,23 @@ def make_optimizer(recipe: TrainingRecipe):
         lr = keras.optimizers.schedules.ExponentialDecay(
             recipe.learning_rate, decay_steps=sched["decay_steps"], decay_rate=sched["decay_rate"],
             staircase=sched.get("staircase", False))
+    elif sched and sched.get("kind") == "warmup_cosine":
+        warmup = max(1, round(sched.get("warmup_epochs", 1) * steps_per_epoch))
+        total = max(warmup + 1, recipe.epochs * steps_per_epoch)
+        lr = keras.optimizers.schedules.CosineDecay(
+            recipe.learning_rate / 10, decay_steps=total - warmup, alpha=sched.get("alpha", 0.0),
+            warmup_target=recipe.learning_rate, warmup_steps=warmup)
     elif sched:
-        raise ValueError(f"unknown lr_schedule kind {sched.get('kind')!r}; known: exponential_decay")
+        raise ValueError(f"unknown lr_schedule kind {sched.get('kind')!r}; known: exponential_decay, warmup_cosine")
     optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "lion": keras.optimizers.Lion}
     if recipe.optimizer not in optimizers:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: {', '.join(optimizers)}")
-    return optimizers[recipe.optimizer](learning_rate=lr)
+    averaging = {}
+    if recipe.weight_averaging:
+        # The average's time constant, in optimizer steps: over_epochs epochs' worth.
+        steps = max(1.0, recipe.weight_averaging.get("over_epochs", 1.0) * steps_per_epoch)
+        averaging = {"use_ema": True, "ema_momentum": 1.0 - 1.0 / steps}
+    return optimizers[recipe.optimizer](learning_rate=lr, **averaging)
 
 
 class _ProgressLog:
@@ -172,6 +205,47 @@ def make_loss(recipe: TrainingRecipe, y_train: np.ndarray, num_classes: int):
     if options:
         return keras.losses.get({"class_name": recipe.loss, "config": options})
     return recipe.loss
+
+
+class _SmoothedSelection:
+    """Keep the model whose mean of ``monitor`` over the last ``window`` epochs is the best so far,
+    and stop once ``patience`` epochs pass without a better mean.
+
+    A validation set of a few dozen images moves by a whole image's share from one epoch to the
+    next; the best single epoch on it is partly luck, the best run of epochs much less so.
+    """
+
+    def __new__(cls, path: Path, monitor: str, window: int, patience: int, say: Callable[[str], None]):
+        import keras
+
+        mode = monitor_mode(monitor)
+
+        class SmoothedSelection(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.values: list[float] = []
+                self.best = np.inf
+                self.best_epoch = None
+                self.wait = 0
+
+            def on_epoch_end(self, epoch, logs=None):
+                value = (logs or {}).get(monitor)
+                if value is None or not np.isfinite(value):
+                    return
+                self.values.append(float(value))
+                mean = float(np.mean(self.values[-window:]))
+                score = -mean if mode == "max" else mean
+                if score < self.best:
+                    self.best, self.best_epoch, self.wait = score, epoch + 1, 0
+                    self.model.save(path)
+                    return
+                self.wait += 1
+                if self.wait >= patience:
+                    say(f"{monitor} averaged over {window} epochs last improved at epoch {self.best_epoch}: "
+                        "stopping")
+                    self.model.stop_training = True
+
+        return SmoothedSelection()
 
 
 class _StopAbove:
@@ -225,20 +299,30 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     sample = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:256])
     adapt_x = preprocess.batch_stage(x_train[sample], params)  # for layers adapted on training images
     model = build_model(build, spec, recipe, input_shape=input_shape, parts=parts, adapt_x=adapt_x)
-    model.compile(optimizer=make_optimizer(recipe), loss=make_loss(recipe, y_train, n_classes),
+    steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    model.compile(optimizer=make_optimizer(recipe, steps_per_epoch), loss=make_loss(recipe, y_train, n_classes),
                   metrics=["accuracy"])
+    if recipe.class_weight not in (None, "balanced"):
+        raise ValueError(f"unknown class_weight {recipe.class_weight!r}; known: balanced")
     common = dict(batch_size=recipe.batch_size, params=params, loss=recipe.loss, num_classes=n_classes)
     train_batches = make_batches(x_train, y_train, shuffle=True, augmentation=recipe.augmentation,
-                                 seed=seed, balanced=recipe.balanced_batches, **common)
+                                 seed=seed, balanced=recipe.balanced_batches, **common,
+                                 class_weights=balanced_class_weights(y_train, n_classes)
+                                 if recipe.class_weight else None)
     val_batches = make_batches(x_val, y_val, shuffle=False, augmentation=None, seed=seed, **common)
 
     checkpoint = out_dir / "best.keras"
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor,
-                                        mode=monitor_mode(recipe.checkpoint_monitor),
-                                        save_best_only=True),
-        _ProgressLog(spec.name, recipe.epochs, say),
-    ]
+    # With weight averaging, the averaged weights are what is validated and kept: the swap
+    # callback puts them in place at each epoch's end, before the checkpoint callback saves.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if recipe.weight_averaging else []
+    if recipe.selection:
+        sel = {"monitor": "val_loss", "window": 3, "patience": 8, **recipe.selection}
+        callbacks.append(_SmoothedSelection(checkpoint, sel["monitor"], int(sel["window"]), int(sel["patience"]), say))
+    else:
+        callbacks.append(keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor,
+                                                         mode=monitor_mode(recipe.checkpoint_monitor),
+                                                         save_best_only=True))
+    callbacks.append(_ProgressLog(spec.name, recipe.epochs, say))
     if recipe.early_stopping:
         es = dict(recipe.early_stopping)
         es.setdefault("mode", monitor_mode(es["monitor"]))
@@ -258,6 +342,12 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     if not checkpoint.exists():  # monitor never improved on its initial value (e.g. NaN loss)
         model.save(checkpoint)
     notes: dict[str, Any] = {}
+    if recipe.test_time_augmentation:
+        best, notes["test_time_augmentation"] = choose_test_time_augmentation(
+            spec, load_checkpoint(checkpoint), recipe.test_time_augmentation,
+            preprocess.batch_stage(np.asarray(x_val), params), np.asarray(y_val))
+        best.save(checkpoint)
+        say(f"{spec.name}: {notes['test_time_augmentation']['summary']}")
     if finalize is not None:
         best, notes = finalize(spec, load_checkpoint(checkpoint), preprocess.batch_stage(np.asarray(x_val), params),
                                np.asarray(y_val))
@@ -270,6 +360,43 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     say(f"{spec.name}: trained {len(hist.get('loss', []))} epochs in {seconds:.0f}s on {device}")
     return TrainResult(checkpoint=str(checkpoint), history=str(history_path), device=device,
                        epochs_run=len(hist.get("loss", [])), seconds=seconds, weights_init=weights)
+
+
+def release_tensorflow_memory() -> None:
+    """Drop the Keras graphs and traced functions of a model the caller has finished with.
+
+    In a flow each model's process ends with it; a task called on its own (tests, a lone run) or a
+    cross-validation's folds share one process, where earlier graphs would otherwise pile up.
+    """
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def choose_test_time_augmentation(spec: ModelSpec, model, views: str, val_x: np.ndarray, val_y: np.ndarray):
+    """``model`` or its test-time-augmented wrapper, whichever has the lower validation loss (a
+    steadier guide than accuracy on a few dozen images), with both losses and accuracies."""
+    from sklearn.metrics import log_loss
+
+    from lung_models.export import probability_function
+    from lung_models.models.blocks import with_test_time_augmentation
+
+    shape = tuple(val_x.shape[1:])
+    candidates = {"plain": model, "averaged": with_test_time_augmentation(model, shape, views)}
+    loss, acc = {}, {}
+    for key, candidate in candidates.items():
+        fn = probability_function(candidate, spec.output, shape)
+        probs = np.concatenate([np.asarray(fn(val_x[i:i + 16])) for i in range(0, len(val_x), 16)])
+        loss[key] = float(log_loss(val_y, np.clip(probs, 1e-7, 1), labels=list(range(probs.shape[1]))))
+        acc[key] = float((probs.argmax(1) == val_y).mean())
+    choice = "averaged" if loss["averaged"] < loss["plain"] else "plain"
+    return candidates[choice], {
+        "views": views, "validation_loss": loss, "validation_accuracy": acc, "used": choice == "averaged",
+        "summary": f"test-time augmentation ({views}) validation loss {loss['averaged']:.4f} vs {loss['plain']:.4f} "
+                   f"without: {'used' if choice == 'averaged' else 'not used'}"}
 
 
 def load_checkpoint(path: str | Path):

@@ -70,7 +70,8 @@ def preprocess_data(model_name: str, data_root: str, work_dir: str, max_per_clas
                     input_shape: list[int] | None = None, profile: str = "full") -> str:
     """Cache the model's preprocessed splits; ``max_per_class`` (else the profile's) caps each split."""
     spec = registry.get(model_name).spec
-    max_per_class = spec.recipe_for(profile, max_per_class=max_per_class).max_per_class
-    prepared = datasets.prepare(spec, Path(data_root), Path(work_dir) / "cache", max_per_class=max_per_class,
-                                input_shape=tuple(input_shape) if input_shape else None, progress=say)
+    recipe = spec.recipe_for(profile, max_per_class=max_per_class)
+    prepared = datasets.prepare(spec, Path(data_root), Path(work_dir) / "cache", max_per_class=recipe.max_per_class,
+                                input_shape=tuple(input_shape) if input_shape else None,
+                                preprocessing=recipe.preprocessing, progress=say)
     return str(prepared.folder)

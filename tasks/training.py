@@ -11,24 +11,11 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from lung_models import evaluation, export, preprocess, registry, training
+from lung_models import crossval, evaluation, export, preprocess, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
+from lung_models.training import release_tensorflow_memory
 from tasks.common import in_model_process, say
-
-
-def release_tensorflow_memory() -> None:
-    """Drop the Keras graphs and traced functions of the model a task just finished with.
-
-    In a flow each model's process ends with it; a task called on its own (tests, a lone run)
-    shares its caller's process, where graphs of earlier models would otherwise pile up.
-    """
-    import gc
-
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
 
 
 def run_dir(work_dir: str, model_name: str) -> Path:
@@ -55,6 +42,34 @@ def _train(model_name: str, prepared: str, work_dir: str, profile: str, override
     release_tensorflow_memory()
     return {**dataclasses.asdict(result), "recipe": dataclasses.asdict(recipe), "profile": profile,
             "seed": seed}
+
+
+@task(name="cross-validate-model")
+def cross_validate_model(model_name: str, prepared: str, work_dir: str, profile: str = "full",
+                         overrides: dict[str, Any] | None = None, seed: int = 1337,
+                         input_shape: list[int] | None = None, folds: int = 5) -> dict[str, Any]:
+    """k-fold cross-validation of the profile's recipe on the pooled train and validation splits."""
+    summary = in_model_process(_cross_validate, model_name, prepared, work_dir, profile, overrides, seed,
+                               input_shape, folds)
+    create_table_artifact(
+        key=f"crossval-{model_name}",
+        table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in fold.items()}
+               for fold in summary["per_fold"]],
+        description=f"{model_name} ({profile} profile): {folds}-fold cross-validation, accuracy "
+                    f"{summary['accuracy']['mean']:.3f} ± {summary['accuracy']['std']:.3f}, macro-F1 "
+                    f"{summary['macro_f1']['mean']:.3f} ± {summary['macro_f1']['std']:.3f} (n={summary['n']})")
+    return summary
+
+
+def _cross_validate(model_name: str, prepared: str, work_dir: str, profile: str, overrides: dict[str, Any] | None,
+                    seed: int, input_shape: list[int] | None, folds: int) -> dict[str, Any]:
+    entry = registry.get(model_name)
+    recipe = entry.spec.recipe_for(profile, **(overrides or {}))
+    out = Path(work_dir) / "crossval" / model_name / utc_stamp()
+    summary = crossval.cross_validate(entry.spec, entry.build, PreparedData(Path(prepared)), recipe, out,
+                                      folds=folds, seed=seed,
+                                      input_shape=tuple(input_shape) if input_shape else None, progress=say)
+    return {**summary, "profile": profile, "recipe": dataclasses.asdict(recipe)}
 
 
 def predict_split(fn, x: np.ndarray, params: dict[str, Any], batch_size: int = 16) -> np.ndarray:
@@ -114,12 +129,13 @@ def _evaluate(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
 
 @task(name="export-model")
 def export_model(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
-                 data_info: dict[str, Any], exports_dir: str) -> str:
-    return in_model_process(_export, model_name, prepared, trained, metrics_path, data_info, exports_dir)
+                 data_info: dict[str, Any], exports_dir: str, crossval_summary: dict[str, Any] | None = None) -> str:
+    return in_model_process(_export, model_name, prepared, trained, metrics_path, data_info, exports_dir,
+                            crossval_summary)
 
 
 def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
-            data_info: dict[str, Any], exports_dir: str) -> str:
+            data_info: dict[str, Any], exports_dir: str, crossval_summary: dict[str, Any] | None = None) -> str:
     spec = registry.get(model_name).spec
     data = PreparedData(Path(prepared))
     x_test, y_test = data.arrays("test")
@@ -132,6 +148,9 @@ def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_pat
         "training": {k: trained[k] for k in ("device", "seconds", "epochs_run", "recipe", "profile", "seed")}
         | {"finalize": json.loads(Path(trained["history"]).read_text()).get("finalize") or None},
         "weights_init": trained["weights_init"],
+        # The recipe's cross-validated figures (on the pooled train and validation splits), beside
+        # the test split's in "metrics"; None when the run did not cross-validate.
+        "crossval": crossval_summary,
     }
     smoke = bool(trained["recipe"].get("smoke_run"))
     if smoke:

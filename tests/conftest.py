@@ -16,10 +16,10 @@ SHARED_DATA = Path(os.environ.get("LUNG_FACTORY_SHARED_DATA", REPO.parent / "sha
 
 
 def pytest_collection_modifyitems(items):
-    """A test that uses ``factory`` trains and exports every registered model (once a session): that
-    is what the ``slow`` marker names, so ``-m "not slow"`` leaves those tests out."""
+    """A test that uses ``factory`` or ``tuned_factory`` trains and exports every registered model
+    (once a session): that is what the ``slow`` marker names, so ``-m "not slow"`` leaves it out."""
     for item in items:
-        if "factory" in getattr(item, "fixturenames", ()):
+        if {"factory", "tuned_factory"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -90,3 +90,33 @@ def factory(prefect_harness, tmp_path_factory):
                            exports_dir=str(root / "exports"), work_dir=str(root / "work"),
                            epochs=2, batch_size=4, input_shape=small_input_shapes(), weights=weights)
     return {"root": root, "exports": root / "exports", "bundles": bundles, "hub": hub}
+
+
+def save_random_notop_weights(factory_name: str, path: Path) -> Path:
+    """A weights file in the layout keras.applications loads (``--weights /path/file``), from random
+    weights: what a user's downloaded ImageNet file looks like to the code, without the download."""
+    import keras
+
+    getattr(keras.applications, factory_name)(include_top=False, weights=None).save_weights(path)
+    keras.backend.clear_session()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tuned_factory(prefect_harness, tmp_path_factory):
+    """Every registered model trained with ``--profile tuned`` (two epochs, small inputs), each
+    pretrained backbone loaded from a local weights file or module as ``--weights PATH`` does."""
+    from flows.train import train_models
+
+    root = tmp_path_factory.mktemp("tuned")
+    for kind, (params, n) in TEST_DATA.items():
+        phantoms.write_dataset(kind, root / "data" / kind, n, seed=11, **params)
+    weights = {"ct-inception-hub": str(make_tiny_hub_module(root / "tiny-hub-module")),
+               "lc25000-inception-mixed7": str(save_random_notop_weights("InceptionV3",
+                                                                         root / "inception_v3_notop.weights.h5"))}
+    resnet = str(save_random_notop_weights("ResNet50", root / "resnet50_notop.weights.h5"))
+    weights.update({name: resnet for name in ("chest-resnet50", "chest-chained")})
+    bundles = train_models(models=registry.names(), profile="tuned", source="local", data_dir=str(root / "data"),
+                           exports_dir=str(root / "exports"), work_dir=str(root / "work"),
+                           epochs=2, batch_size=4, input_shape=small_input_shapes(), weights=weights)
+    return {"root": root, "bundles": bundles, "weights": weights}

@@ -1,6 +1,7 @@
 """The 3D path must reproduce the documented formulas of the Keras MosMedData example."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from lung_models import preprocess
@@ -76,3 +77,30 @@ def test_fast_linear_resampling_equals_clip_then_zoom_on_any_shape():
         fast = preprocess.preprocess_ct_volume(volume, params)
         assert fast.shape == (32, 28, 16, 1) and fast.dtype == np.float32 and fast.flags.c_contiguous
         assert np.abs(fast[..., 0] - reference).max() < 1e-5, shape
+
+
+def test_grey_colour_handling_is_luma_in_three_equal_channels():
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 0] = 200  # pure red
+    grey = preprocess.to_colour(img, {"colour": "grey"})
+    assert grey.shape == img.shape and (grey == round(0.299 * 200)).all()
+    assert preprocess.to_colour(img, {}) is img  # the default keeps the colours
+    with pytest.raises(ValueError, match="unknown colour handling 'gray'"):
+        preprocess.to_colour(img, {"colour": "gray"})
+
+
+def test_the_scorer_prepares_an_image_exactly_as_training_cached_it():
+    """A bundle trained in grey is scored in grey: the scorer's prepared input equals the training
+    cache's for the same decoded image, and a grey and an RGB model do not share it."""
+    from lung_models.scoring import decode
+    from lung_models.scoring.items import Item
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(120, 90, 3), dtype=np.uint8)
+    item = Item(key="a.png", input_kind="ct_slice", file_kind="image", files=("a.png",), sha256="0")
+    grey = {"kind": "rgb_image", "size": [64, 64], "scale": 1.0, "colour": "grey"}
+    rgb = {k: v for k, v in grey.items() if k != "colour"}
+    decoded = decode.Decoded(item, image=image)
+    np.testing.assert_array_equal(decode.prepare(decoded, grey)[0], preprocess.cache_stage(image, grey))
+    np.testing.assert_array_equal(decode.prepare(decoded, rgb)[0], preprocess.cache_stage(image, rgb))
+    assert decode.signature(grey, item) != decode.signature(rgb, item)

@@ -131,3 +131,69 @@ def test_pretrained_models_say_where_their_weights_come_from():
     assert hub.pretrained["handle"] in weights_description(hub, hub.recipe_for("full"))
     cnn = registry.get("lc25000-cnn").spec
     assert weights_description(cnn, cnn.recipe_for("full")).startswith("random initialisation (trained from scratch")
+
+
+def test_warmup_cosine_rises_to_the_learning_rate_then_decays_to_alpha_at_the_last_epoch():
+    recipe = dataclasses.replace(registry.get("chest-cnn").spec.recipe, epochs=10, learning_rate=1e-3,
+                                 lr_schedule={"kind": "warmup_cosine", "warmup_epochs": 2, "alpha": 0.01})
+    lr = training.make_optimizer(recipe, steps_per_epoch=5)._learning_rate
+    assert float(lr(0)) == pytest.approx(1e-4)
+    assert float(lr(5)) == pytest.approx(5.5e-4)  # half-way through the warm-up
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(30)) < 1e-3 and float(lr(50)) == pytest.approx(1e-5)
+
+
+def test_weight_averaging_spans_the_asked_number_of_epochs():
+    recipe = dataclasses.replace(registry.get("chest-cnn").spec.recipe, weight_averaging={"over_epochs": 2.0})
+    optimizer = training.make_optimizer(recipe, steps_per_epoch=25)
+    assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(1 - 1 / 50)
+    assert not training.make_optimizer(registry.get("chest-cnn").spec.recipe).use_ema
+
+
+class _Model:
+    def __init__(self):
+        self.saved, self.stop_training, self.epoch = [], False, 0
+
+    def save(self, path):
+        self.saved.append(self.epoch)
+
+
+def test_selection_keeps_the_best_run_of_epochs_not_one_lucky_epoch(tmp_path):
+    said = []
+    callback = training._SmoothedSelection(tmp_path / "best.keras", "val_loss", 3, 3, said.append)
+    model = _Model()
+    callback.set_model(model)
+    # Epoch 3 is one lucky low value; epochs 6-8 are steadily good; then no better mean for 3 epochs.
+    losses = [1.0, 0.9, 0.3, 0.9, 0.8, 0.5, 0.5, 0.5, 0.7, 0.8, 0.9, 0.2]
+    for epoch, loss in enumerate(losses):
+        if model.stop_training:
+            break
+        model.epoch = epoch + 1
+        callback.on_epoch_end(epoch, {"val_loss": loss})
+    # Means of the last three: ... 0.667 (epoch 3), 0.667, 0.667, 0.733, 0.6 (6), 0.6, 0.5 (8), 0.567 ...
+    assert model.saved[-1] == 8
+    assert 3 not in model.saved[1:] or model.saved.index(3) < model.saved.index(8)
+    assert model.stop_training and model.epoch == 11 and "last improved at epoch 8" in said[-1]
+
+
+def test_balanced_class_weights_weigh_each_item_inversely_to_its_class_frequency():
+    y = np.array([0] * 30 + [1] * 10)
+    _, batches = _batches(y, x=np.zeros((40, 4, 4, 4, 1), np.float32), shuffle=False,
+                          class_weights=training.balanced_class_weights(y, 2))
+    weights = np.concatenate([batches[i][2] for i in range(len(batches))])
+    labels = np.concatenate([batches[i][1][:, 0] for i in range(len(batches))])
+    assert (weights * (labels == 0)).sum() == pytest.approx((weights * (labels == 1)).sum())  # equal total pull
+    assert len(_batches(y)[1][0]) == 2  # without class weights: (inputs, labels) only
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_model_has_a_tuned_profile_that_keeps_its_layers_and_input(name):
+    """The tuned profile changes how a model trains, never its architecture or input contract."""
+    entry = registry.get(name)
+    tuned = entry.spec.recipe_for("tuned")
+    assert tuned.input_shape is None and not tuned.smoke_run  # the documented size
+    assert set(tuned.build_options or {}) <= {"in_model_augmentation"}  # training-time only
+    assert set(tuned.preprocessing or {}) <= {"colour"}  # size, scale, window: as documented
+    assert tuned.selection and tuned.lr_schedule["kind"] == "warmup_cosine"
+    if entry.spec.preprocessing.get("ct_window"):  # CT slices: grey, like DICOM
+        assert tuned.preprocessing == {"colour": "grey"}

@@ -217,14 +217,15 @@ class PreparedData:
 
 
 def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int | None = None,
-            input_shape: tuple[int, ...] | None = None,
+            input_shape: tuple[int, ...] | None = None, preprocessing: dict[str, Any] | None = None,
             progress: Callable[[str], None] | None = None) -> PreparedData:
     """Split ``root``'s files and cache their preprocessed arrays; idempotent.
 
-    ``input_shape`` (tests, and the demo profile's smaller inputs) overrides the spatial size.
+    ``input_shape`` (tests, and the demo profile's smaller inputs) overrides the spatial size;
+    ``preprocessing`` (a profile's, e.g. ``{"colour": "grey"}``) overrides other parameters.
     """
     say = progress or log.info
-    params = dict(spec.preprocessing)
+    params = {**spec.preprocessing, **(preprocessing or {})}
     if input_shape is not None:
         key = "size" if params["kind"] == "rgb_image" else "target_shape"
         params[key] = list(input_shape[: len(params[key])])

@@ -82,3 +82,36 @@ class HubFeatures(keras.layers.TFSMLayer):
         if isinstance(out, dict):  # a signature returns {name: tensor}
             (out,) = out.values()
         return out
+
+
+@keras.saving.register_keras_serializable(package="lung_models")
+class Flip(keras.layers.Layer):
+    """Mirror a batch of images along rows (axis 1), columns (axis 2) or both: a view for
+    test-time augmentation, active at inference too (unlike RandomFlip)."""
+
+    def __init__(self, axes: tuple[int, ...] = (2,), **kwargs):
+        super().__init__(**kwargs)
+        self.axes = tuple(int(a) for a in axes)
+
+    def call(self, inputs):
+        for axis in self.axes:
+            inputs = keras.ops.flip(inputs, axis=axis)
+        return inputs
+
+    def get_config(self):
+        return {**super().get_config(), "axes": list(self.axes)}
+
+
+# The views test-time augmentation averages over; tissue has no left or up, a chest has both.
+TTA_VIEWS = {"flips": ((), (2,), (1,), (1, 2))}
+
+
+def with_test_time_augmentation(model, input_shape: tuple[int, ...], views: str = "flips"):
+    """``model`` applied to each view of its input (identity, left-right, up-down, both), its
+    outputs averaged: one graph, so the exported ONNX file does the same at night."""
+    from keras import layers
+
+    inputs = keras.Input(tuple(input_shape), name="image")
+    outputs = [model(Flip(axes, name=f"tta_flip_{'_'.join(map(str, axes))}")(inputs) if axes else inputs,
+                     training=False) for axes in TTA_VIEWS[views]]
+    return keras.Model(inputs, layers.Average(name="tta_average")(outputs), name=f"{model.name}_tta")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lung_models.data.catalog import CHEST_CT
+from lung_models.models import tuned
 from lung_models.models.blocks import augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
@@ -54,10 +55,19 @@ DEMO_RANDOM_BACKBONE = {**DEMO_DATA, "epochs": 1, "max_per_class": 20, "smoke_ru
 # trained chest-cnn, on enough test slices (30 a class) to show it.
 DEMO_ENSEMBLE = {**DEMO_DATA, "epochs": 2, "max_per_class": 30}
 RESNET = {"kind": "keras_applications", "weights": "imagenet", "model": "ResNet50"}
+# tuned (see lung_models.models.tuned): the documented epochs, batch and learning rate, trained the
+# careful way. The frozen-backbone models keep BatchNorm in their heads, so no weight averaging.
+TUNED = {**tuned.CT_SLICE, **tuned.PIPELINE_AUGMENTS}
+# The custom CNN learns from scratch: batches of 16 (twice the updates per epoch) over 40 epochs,
+# the last ones at a small learning rate, and weight averaging (it has no BatchNorm).
+TUNED_CNN = {**TUNED, "epochs": 40, "batch_size": 16, "weight_averaging": tuned.AVERAGING,
+             "selection": {**tuned.SELECTION, "patience": 10}}
+# The ensemble trains only its combiner; it must see its inputs as its submodels did (in grey).
+TUNED_ENSEMBLE = dict(tuned.CT_SLICE)
 
 
 def _spec(name: str, title: str, documented: float, demo: dict[str, Any] = DEMO_RANDOM_BACKBONE,
-          **extra: Any) -> ModelSpec:
+          tuned_profile: dict[str, Any] = TUNED, **extra: Any) -> ModelSpec:
     return ModelSpec(
         name=name, title=title,
         documented_by="Medical Image Classification with CNNs: pre-trained and custom models "
@@ -66,20 +76,21 @@ def _spec(name: str, title: str, documented: float, demo: dict[str, Any] = DEMO_
         # The CNN's five conv/pool blocks need 94 pixels a side; the family shares one size because
         # the ensemble holds both submodels.
         test_input_shape=(96, 96, 3),
-        preprocessing=PREPROCESSING, dataset=CHEST_CT, recipe=RECIPE, profiles={"demo": dict(demo)},
+        preprocessing=PREPROCESSING, dataset=CHEST_CT, recipe=RECIPE, profiles={"demo": dict(demo), "tuned": dict(tuned_profile)},
         documented_metrics={"test_accuracy": documented}, **extra)
 
 
 RESNET_SPEC = _spec("chest-resnet50", "Frozen ResNet50 + dense head, chest CT 4 classes", 0.514, pretrained=RESNET)
-CNN_SPEC = _spec("chest-cnn", "Custom CNN, chest CT 4 classes", 0.470, demo=DEMO)
+CNN_SPEC = _spec("chest-cnn", "Custom CNN, chest CT 4 classes", 0.470, demo=DEMO, tuned_profile=TUNED_CNN)
 ENSEMBLE_SPEC = _spec("chest-ensemble", "Ensemble of chest-resnet50 and chest-cnn", 0.235, demo=DEMO_ENSEMBLE,
+                      tuned_profile=TUNED_ENSEMBLE,
                       depends_on=("chest-resnet50", "chest-cnn"), pretrained=RESNET)
 CHAINED_SPEC = _spec("chest-chained", "ResNet50 features chained into the custom CNN's head", 0.568,
                      pretrained=RESNET)
 
 
-def _resnet_features(spec: ModelSpec, input_shape, weights: str):
-    """Input → augmentation → rescale → frozen ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
+def _resnet_features(spec: ModelSpec, input_shape, weights: str, in_model_augmentation: bool = True):
+    """Input → augmentation (unless the data pipeline augments instead) → rescale → frozen ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
     import keras
     from keras import layers
 
@@ -87,7 +98,7 @@ def _resnet_features(spec: ModelSpec, input_shape, weights: str):
     base = keras_application(keras.applications.ResNet50, weights, include_top=False, pooling="max",
                              input_shape=tuple(input_shape or spec.input_shape))
     base.trainable = False
-    x = base(rescale(augmentation(inputs)), training=False)
+    x = base(rescale(augmentation(inputs) if in_model_augmentation else inputs), training=False)
     x = layers.BatchNormalization(name="head_bn")(x)
     x = layers.Dense(256, activation="relu", name="head_dense")(x)
     x = layers.Dropout(0.25, name="head_dropout")(x)
@@ -95,11 +106,12 @@ def _resnet_features(spec: ModelSpec, input_shape, weights: str):
 
 
 @register(RESNET_SPEC)
-def build_resnet(spec: ModelSpec = RESNET_SPEC, input_shape=None, weights: str = PRETRAINED):
+def build_resnet(spec: ModelSpec = RESNET_SPEC, input_shape=None, weights: str = PRETRAINED,
+                 in_model_augmentation: bool = True):
     import keras
     from keras import layers
 
-    inputs, x = _resnet_features(spec, input_shape, weights)
+    inputs, x = _resnet_features(spec, input_shape, weights, in_model_augmentation)
     return keras.Model(inputs, layers.Dense(4, activation="softmax", name="probabilities")(x), name="chest_resnet50")
 
 
@@ -112,12 +124,12 @@ CNN_FILTERS = (16, 32, 64, 128, 256)
 
 
 @register(CNN_SPEC)
-def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None):
+def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None, in_model_augmentation: bool = True):
     import keras
     from keras import layers
 
     inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
-    x = rescale(augmentation(inputs))
+    x = rescale(augmentation(inputs) if in_model_augmentation else inputs)
     for filters in CNN_FILTERS:
         x = layers.Conv2D(filters, 3, activation="relu", kernel_initializer="he_normal")(x)
         x = layers.MaxPooling2D()(x)
@@ -128,11 +140,12 @@ def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None):
 
 
 @register(CHAINED_SPEC)
-def build_chained(spec: ModelSpec = CHAINED_SPEC, input_shape=None, weights: str = PRETRAINED):
+def build_chained(spec: ModelSpec = CHAINED_SPEC, input_shape=None, weights: str = PRETRAINED,
+                  in_model_augmentation: bool = True):
     import keras
     from keras import layers
 
-    inputs, x = _resnet_features(spec, input_shape, weights)
+    inputs, x = _resnet_features(spec, input_shape, weights, in_model_augmentation)
     x = layers.Dense(128, activation="relu", name="cnn_head_dense")(x)
     x = layers.Dropout(0.5, name="cnn_head_dropout")(x)
     return keras.Model(inputs, layers.Dense(4, activation="softmax", name="probabilities")(x), name="chest_chained")

@@ -17,6 +17,7 @@ import numpy as np
 from lung_models.data.catalog import CT_CANCER
 from lung_models.models.blocks import ChannelNormalization, HubFeatures, augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, resolve_tfhub
+from lung_models.models import tuned
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
 HANDLE = "https://www.kaggle.com/models/google/inception-v3/TensorFlow2/feature-vector/2"
@@ -42,19 +43,27 @@ SPEC = ModelSpec(
     ),
     # demo: the TF-Hub module cannot be had offline, so a smoke run of the chain at a small input.
     profiles={"demo": {"epochs": 1, "weights": "random", "generated_per_class": 40, "generated_size": 299,
-                       "input_shape": (96, 96, 3), "smoke_run": True}},
+                       "input_shape": (96, 96, 3), "smoke_run": True},
+              # tuned (see lung_models.models.tuned): at most 60 epochs instead of "until early
+              # stopping" (1000), patience 10; the documented focal loss already balances the classes,
+              # and the fine-tuned module's BatchNorm rules out weight averaging.
+              "tuned": {**tuned.CT_SLICE, **tuned.PIPELINE_AUGMENTS, "class_weight": None, "epochs": 60,
+                        "selection": {**tuned.SELECTION, "patience": 10}}},
     documented_metrics={"test_accuracy": 1.0, "test_n": 33},
     pretrained={"kind": "tfhub", "handle": HANDLE},
 )
 
 
 @register(SPEC)
-def build(spec: ModelSpec = SPEC, input_shape=None, weights: str = PRETRAINED, adapt_x: np.ndarray | None = None):
+def build(spec: ModelSpec = SPEC, input_shape=None, weights: str = PRETRAINED, adapt_x: np.ndarray | None = None,
+          in_model_augmentation: bool = True):
     from keras import layers
 
     shape = tuple(input_shape or spec.input_shape)
     inputs = keras.Input(shape, name="image")
-    x = augmentation(rescale(inputs), flip="horizontal_and_vertical", rotation=0.7, zoom=0.0, zoom_width=0.2)
+    x = rescale(inputs)
+    if in_model_augmentation:  # off when the data pipeline augments instead (the tuned profile)
+        x = augmentation(x, flip="horizontal_and_vertical", rotation=0.7, zoom=0.0, zoom_width=0.2)
     norm = ChannelNormalization(shape[-1], name="normalize")
     if adapt_x is not None:  # statistics of the training images, after rescaling, as documented
         norm.adapt(np.asarray(adapt_x, dtype="float32") / 255.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from lung_models.data.catalog import LC25000
 from lung_models.models.pretrained import PRETRAINED, keras_application
+from lung_models.models import tuned
 from lung_models.registry import HISTOLOGY_TILE, ModelSpec, TrainingRecipe, register
 
 DATASET = LC25000.subset(
@@ -34,7 +35,10 @@ SPEC = ModelSpec(
     ),
     # demo: ImageNet weights cannot be had offline, so a smoke run of the chain at a small input.
     profiles={"demo": {"epochs": 1, "batch_size": 32, "weights": "random", "generated_per_class": 60,
-                       "generated_size": 384, "input_shape": (96, 96, 3), "smoke_run": True}},
+                       "generated_size": 384, "input_shape": (96, 96, 3), "smoke_run": True},
+              # tuned (see lung_models.models.tuned): the documented epochs and batch; the head has
+              # BatchNorm, so no weight averaging.
+              "tuned": {**tuned.HE_TILE, "lr_schedule": {**tuned.WARMUP_COSINE, "warmup_epochs": 1}}},
     documented_metrics={"f1_per_class_above": 0.90},
     pretrained={"kind": "keras_applications", "weights": "imagenet", "model": "InceptionV3"},
 )

@@ -98,7 +98,7 @@ def signature(params: dict[str, Any], item: Item) -> tuple:
     if params["kind"] == "rgb_image":
         size = tuple(int(s) for s in params["size"])
         if item.file_kind == IMAGE:
-            return ("rgb", size)
+            return ("rgb", size, params.get("colour", "rgb"))
         window = params.get("ct_window")
         if not window:
             raise BundleInputError(f"{Path(item.key).name}: this model's bundle records no ct_window, so CT slices "
@@ -124,7 +124,7 @@ def prepare(decoded: Decoded, params: dict[str, Any]) -> np.ndarray:
     else:
         size = tuple(params["size"])
         if decoded.image is not None:
-            out = preprocess.resize_rgb(decoded.image, size)[np.newaxis]
+            out = preprocess.cache_stage(decoded.image, params)[np.newaxis]
         else:
             slices = decoded.slices_hu if decoded.slices_hu is not None else axial_slices(decoded.volume_hu)
             center, width = sig[2], sig[3]
