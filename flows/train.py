@@ -27,6 +27,8 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
     first cross-validates each model's recipe k-fold on its pooled train and validation splits
     (models built from others are not cross-validated); the figures go into the model card.
     """
+    if folds is not None and folds < 2:
+        raise ValueError(f"folds must be at least 2 (k-fold cross-validation), not {folds}; leave it unset to skip it")
     # Dependencies first (an ensemble is built from its trained submodels); unknown names fail here.
     names = registry.training_order(models or registry.names())
     bundles, checkpoints = {}, {}

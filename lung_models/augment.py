@@ -7,9 +7,12 @@ what is plausible for its images:
 - ``ct_slice``: a small rotation, shift and scale about the centre (a patient lies a little
   differently, a scanner's field of view differs), and a contrast and brightness change (the
   exports' windows and gammas differ). No flips: a mirrored chest puts the heart on the wrong side.
-- ``he_tile``: flips and quarter turns (a tile has no up or left), and a stain jitter: each
-  channel's optical density (Beer-Lambert: what the stains absorb) scaled and shifted a little, as
-  staining and scanners vary between labs, plus a small brightness change.
+- ``he_tile``: flips and quarter turns (a tile has no up or left), and a stain jitter: each RGB
+  channel's optical density (Beer-Lambert: what the stains absorb) scaled by up to ``stain``
+  (relative) and shifted by up to ``stain`` (absolute, in OD units), as staining and scanners vary
+  between labs, plus a small brightness change. (Per RGB channel, not per stain: no H&E unmixing.)
+
+Every item of a batch is augmented (each with its own random draw).
 
 Volumes keep their own augmentation (``volume_rotation``, in :mod:`lung_models.preprocess`).
 """
@@ -39,7 +42,7 @@ def check(augmentation: dict[str, Any] | None) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown augmentation kind {kind!r}; known: {', '.join(KINDS)}")
     if kind in DEFAULTS:
-        unknown = sorted(set(augmentation) - {"kind", "probability", *DEFAULTS[kind]})
+        unknown = sorted(set(augmentation) - {"kind", *DEFAULTS[kind]})
         if unknown:
             raise ValueError(f"{kind} augmentation: unknown options {unknown}; known: {sorted(DEFAULTS[kind])}")
 

@@ -212,7 +212,10 @@ class _SmoothedSelection:
     and stop once ``patience`` epochs pass without a better mean.
 
     A validation set of a few dozen images moves by a whole image's share from one epoch to the
-    next; the best single epoch on it is partly luck, the best run of epochs much less so.
+    next; the best single epoch on it is partly luck, the best run of epochs much less so. The
+    weights kept are those at the end of the best run (with weight averaging, themselves an
+    average over about an epoch). Nothing is chosen before ``window`` epochs have run (or all of
+    them, in a shorter run), so one early lucky epoch cannot be chosen on its own.
     """
 
     def __new__(cls, path: Path, monitor: str, window: int, patience: int, say: Callable[[str], None]):
@@ -226,6 +229,7 @@ class _SmoothedSelection:
                 self.values: list[float] = []
                 self.best = np.inf
                 self.best_epoch = None
+                self.best_mean = None
                 self.wait = 0
 
             def on_epoch_end(self, epoch, logs=None):
@@ -233,10 +237,12 @@ class _SmoothedSelection:
                 if value is None or not np.isfinite(value):
                     return
                 self.values.append(float(value))
+                if len(self.values) < min(window, self.params.get("epochs") or window):
+                    return
                 mean = float(np.mean(self.values[-window:]))
                 score = -mean if mode == "max" else mean
                 if score < self.best:
-                    self.best, self.best_epoch, self.wait = score, epoch + 1, 0
+                    self.best, self.best_epoch, self.best_mean, self.wait = score, epoch + 1, mean, 0
                     self.model.save(path)
                     return
                 self.wait += 1
@@ -305,19 +311,23 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     if recipe.class_weight not in (None, "balanced"):
         raise ValueError(f"unknown class_weight {recipe.class_weight!r}; known: balanced")
     common = dict(batch_size=recipe.batch_size, params=params, loss=recipe.loss, num_classes=n_classes)
+    # The validation loss is weighted like the training loss (by the training split's class
+    # frequencies), so selection judges what training optimises.
+    class_weights = balanced_class_weights(y_train, n_classes) if recipe.class_weight else None
     train_batches = make_batches(x_train, y_train, shuffle=True, augmentation=recipe.augmentation,
-                                 seed=seed, balanced=recipe.balanced_batches, **common,
-                                 class_weights=balanced_class_weights(y_train, n_classes)
-                                 if recipe.class_weight else None)
-    val_batches = make_batches(x_val, y_val, shuffle=False, augmentation=None, seed=seed, **common)
+                                 seed=seed, balanced=recipe.balanced_batches, class_weights=class_weights, **common)
+    val_batches = make_batches(x_val, y_val, shuffle=False, augmentation=None, seed=seed,
+                               class_weights=class_weights, **common)
 
     checkpoint = out_dir / "best.keras"
     # With weight averaging, the averaged weights are what is validated and kept: the swap
     # callback puts them in place at each epoch's end, before the checkpoint callback saves.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if recipe.weight_averaging else []
+    selection = None
     if recipe.selection:
         sel = {"monitor": "val_loss", "window": 3, "patience": 8, **recipe.selection}
-        callbacks.append(_SmoothedSelection(checkpoint, sel["monitor"], int(sel["window"]), int(sel["patience"]), say))
+        selection = _SmoothedSelection(checkpoint, sel["monitor"], int(sel["window"]), int(sel["patience"]), say)
+        callbacks.append(selection)
     else:
         callbacks.append(keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor,
                                                          mode=monitor_mode(recipe.checkpoint_monitor),
@@ -342,17 +352,24 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     if not checkpoint.exists():  # monitor never improved on its initial value (e.g. NaN loss)
         model.save(checkpoint)
     notes: dict[str, Any] = {}
+    if selection is not None and selection.best_epoch:
+        notes["selection"] = {"epoch": selection.best_epoch, "mean": selection.best_mean,
+                              "monitor": sel["monitor"], "window": sel["window"]}
+        say(f"{spec.name}: kept epoch {selection.best_epoch} ({sel['monitor']} averaged over {sel['window']} "
+            f"epochs {selection.best_mean:.4f})")
     if recipe.test_time_augmentation:
         best, notes["test_time_augmentation"] = choose_test_time_augmentation(
             spec, load_checkpoint(checkpoint), recipe.test_time_augmentation,
-            preprocess.batch_stage(np.asarray(x_val), params), np.asarray(y_val))
+            preprocess.batch_stage(np.asarray(x_val), params), np.asarray(y_val),
+            None if class_weights is None else class_weights[np.asarray(y_val)])
         best.save(checkpoint)
         say(f"{spec.name}: {notes['test_time_augmentation']['summary']}")
     if finalize is not None:
-        best, notes = finalize(spec, load_checkpoint(checkpoint), preprocess.batch_stage(np.asarray(x_val), params),
-                               np.asarray(y_val))
+        best, finalized = finalize(spec, load_checkpoint(checkpoint),
+                                   preprocess.batch_stage(np.asarray(x_val), params), np.asarray(y_val))
         best.save(checkpoint)
-        say(f"{spec.name}: {notes.get('summary', notes)}")
+        notes.update(finalized)
+        say(f"{spec.name}: {finalized.get('summary', finalized)}")
     history_path = out_dir / "history.json"
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     atomic_write_json(history_path, {"history": hist, "recipe": asdict(recipe), "device": device,
@@ -376,9 +393,11 @@ def release_tensorflow_memory() -> None:
     gc.collect()
 
 
-def choose_test_time_augmentation(spec: ModelSpec, model, views: str, val_x: np.ndarray, val_y: np.ndarray):
+def choose_test_time_augmentation(spec: ModelSpec, model, views: str, val_x: np.ndarray, val_y: np.ndarray,
+                                  weights: np.ndarray | None = None):
     """``model`` or its test-time-augmented wrapper, whichever has the lower validation loss (a
-    steadier guide than accuracy on a few dozen images), with both losses and accuracies."""
+    steadier guide than accuracy on a few dozen images; weighted per item like the training loss
+    when ``weights`` is given), with both losses and accuracies."""
     from sklearn.metrics import log_loss
 
     from lung_models.export import probability_function
@@ -390,7 +409,8 @@ def choose_test_time_augmentation(spec: ModelSpec, model, views: str, val_x: np.
     for key, candidate in candidates.items():
         fn = probability_function(candidate, spec.output, shape)
         probs = np.concatenate([np.asarray(fn(val_x[i:i + 16])) for i in range(0, len(val_x), 16)])
-        loss[key] = float(log_loss(val_y, np.clip(probs, 1e-7, 1), labels=list(range(probs.shape[1]))))
+        loss[key] = float(log_loss(val_y, np.clip(probs, 1e-7, 1), labels=list(range(probs.shape[1])),
+                                   sample_weight=weights))
         acc[key] = float((probs.argmax(1) == val_y).mean())
     choice = "averaged" if loss["averaged"] < loss["plain"] else "plain"
     return candidates[choice], {

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lung_models import registry
-from lung_models.crossval import cross_validate, stratified_group_folds
+from lung_models.crossval import cross_validate, fold_plan, near_copy_groups, stratified_group_folds
 from lung_models.data import phantoms
 from lung_models.data.datasets import prepare
 
@@ -46,3 +46,30 @@ def test_cross_validation_holds_out_each_fold_once_and_reports_mean_and_spread(t
     assert all(0 <= f["macro_f1"] <= 1 for f in summary["per_fold"])
     assert not list((tmp_path / "cv").glob("fold-*"))  # fold arrays and checkpoints are not kept
     assert (tmp_path / "cv" / "crossval.json").is_file()
+
+
+def test_every_fold_keeps_train_inner_validation_and_held_out_apart_and_groups_whole():
+    y = np.repeat([0, 1, 2], [40, 30, 20])
+    groups = [f"scan{i // 3}" for i in range(90)]  # three near-copies of each slice
+    plan = fold_plan(y, groups, 4, seed=5)
+    assert sorted(np.concatenate([held for _, _, held in plan])) == list(range(90))
+    for train, val, held in plan:
+        parts = [set(train), set(val), set(held)]
+        assert sum(map(len, parts)) == 90 and len(set.union(*parts)) == 90  # disjoint, complete
+        names = [{groups[i] for i in p} for p in parts]
+        assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+        assert len(val) and set(y[val]) == {0, 1, 2}
+
+
+def test_near_copies_share_a_group_and_different_images_do_not():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8)
+    images[1] = images[0][:, ::-1]  # a mirrored copy
+    images[2] = np.clip(images[0].astype(int) + rng.integers(-6, 7, images[0].shape), 0, 255)  # re-encoded
+    images[3] = np.rot90(images[4])  # a turned copy
+    groups = near_copy_groups(images, {"kind": "rgb_image"}, ["a", "b", "c", "d", "e", "f"])
+    assert groups[0] == groups[1] == groups[2] and groups[3] == groups[4]
+    assert len({groups[0], groups[3], groups[5]}) == 3
+    # Exact copies (same sha256) share a group whatever their pixels; volumes group by hash only.
+    assert near_copy_groups(images[[0, 5]], {"kind": "rgb_image"}, ["x", "x"]) == ["x", "x"]
+    assert near_copy_groups(images, {"kind": "ct_volume"}, list("abcdef")) == list("abcdef")

@@ -89,18 +89,36 @@ def test_grey_colour_handling_is_luma_in_three_equal_channels():
         preprocess.to_colour(img, {"colour": "gray"})
 
 
-def test_the_scorer_prepares_an_image_exactly_as_training_cached_it():
-    """A bundle trained in grey is scored in grey: the scorer's prepared input equals the training
-    cache's for the same decoded image, and a grey and an RGB model do not share it."""
-    from lung_models.scoring import decode
-    from lung_models.scoring.items import Item
+def test_the_scorer_prepares_each_file_exactly_as_training_cached_it(tmp_path):
+    """A bundle trained in grey is scored in grey: for RGBA, greyscale and JPEG files as the chest
+    CT exports mix them, the scorer's prepared input equals the training cache's row, and an RGB
+    bundle does not share it. A DICOM slice is grey already: both bundles see the same pixels."""
+    from PIL import Image
+
+    from lung_models.data import dicom_writer
+    from lung_models.data.readers import IMAGE, READERS
+    from lung_models.scoring import decode, discover
 
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(120, 90, 3), dtype=np.uint8)
-    item = Item(key="a.png", input_kind="ct_slice", file_kind="image", files=("a.png",), sha256="0")
-    grey = {"kind": "rgb_image", "size": [64, 64], "scale": 1.0, "colour": "grey"}
+    slice_ = np.repeat(rng.integers(0, 256, (120, 90, 1), dtype=np.uint8), 3, axis=2)
+    marked = slice_.copy()
+    marked[10:20, 10:20] = (255, 0, 0)  # a red mark burnt into the slice
+    Image.fromarray(np.dstack([marked, np.full((120, 90), 255, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(slice_[..., 0]).save(tmp_path / "grey.png")
+    Image.fromarray(marked).save(tmp_path / "rgb.jpg", quality=90)
+    volume = np.full((32, 32, 1), -500, np.float32)
+    volume[8:20, 8:20] = 40.0
+    dicom_writer.write_series(volume, (0.7, 0.7, 2.0), tmp_path / "dcm")
+    grey = {"kind": "rgb_image", "size": [64, 64], "scale": 1.0, "colour": "grey",
+            "ct_window": {"center": 100.0, "width": 2200.0}}
     rgb = {k: v for k, v in grey.items() if k != "colour"}
-    decoded = decode.Decoded(item, image=image)
-    np.testing.assert_array_equal(decode.prepare(decoded, grey)[0], preprocess.cache_stage(image, grey))
-    np.testing.assert_array_equal(decode.prepare(decoded, rgb)[0], preprocess.cache_stage(image, rgb))
-    assert decode.signature(grey, item) != decode.signature(rgb, item)
+    items = {item.key: item for item in discover(tmp_path).items}
+    for name in ("rgba.png", "grey.png", "rgb.jpg"):
+        decoded = decode.decode(items[name], tmp_path)
+        trained = preprocess.cache_stage(READERS[IMAGE](tmp_path / name), grey)
+        np.testing.assert_array_equal(decode.prepare(decoded, grey)[0], trained)
+        assert (trained == trained[..., :1]).all()
+        assert decode.signature(grey, items[name]) != decode.signature(rgb, items[name])
+    (series,) = [key for key in items if key.startswith("dcm")]
+    decoded = decode.decode(items[series], tmp_path)
+    np.testing.assert_array_equal(decode.prepare(decoded, grey), decode.prepare(decoded, rgb))

@@ -163,6 +163,7 @@ def test_selection_keeps_the_best_run_of_epochs_not_one_lucky_epoch(tmp_path):
     callback = training._SmoothedSelection(tmp_path / "best.keras", "val_loss", 3, 3, said.append)
     model = _Model()
     callback.set_model(model)
+    callback.params = {"epochs": 20}
     # Epoch 3 is one lucky low value; epochs 6-8 are steadily good; then no better mean for 3 epochs.
     losses = [1.0, 0.9, 0.3, 0.9, 0.8, 0.5, 0.5, 0.5, 0.7, 0.8, 0.9, 0.2]
     for epoch, loss in enumerate(losses):
@@ -170,10 +171,22 @@ def test_selection_keeps_the_best_run_of_epochs_not_one_lucky_epoch(tmp_path):
             break
         model.epoch = epoch + 1
         callback.on_epoch_end(epoch, {"val_loss": loss})
-    # Means of the last three: ... 0.667 (epoch 3), 0.667, 0.667, 0.733, 0.6 (6), 0.6, 0.5 (8), 0.567 ...
-    assert model.saved[-1] == 8
-    assert 3 not in model.saved[1:] or model.saved.index(3) < model.saved.index(8)
+    # Means of the last three, from epoch 3 on: .733, .7, .667, .733, .6, .5 (epoch 8), .567, .667, .8.
+    assert int(np.argmin(losses)) + 1 != 8 and int(np.argmin(losses[:11])) + 1 == 3  # the lucky single epoch
+    assert model.saved == [3, 4, 5, 7, 8]  # nothing chosen before a full window of epochs
     assert model.stop_training and model.epoch == 11 and "last improved at epoch 8" in said[-1]
+    assert callback.best_epoch == 8 and callback.best_mean == pytest.approx(0.5)
+
+
+def test_selection_in_a_run_shorter_than_its_window_still_keeps_a_model(tmp_path):
+    callback = training._SmoothedSelection(tmp_path / "best.keras", "val_loss", 3, 3, print)
+    model = _Model()
+    callback.set_model(model)
+    callback.params = {"epochs": 2}
+    for epoch, loss in enumerate([0.9, 0.8]):
+        model.epoch = epoch + 1
+        callback.on_epoch_end(epoch, {"val_loss": loss})
+    assert model.saved == [2]
 
 
 def test_balanced_class_weights_weigh_each_item_inversely_to_its_class_frequency():

@@ -56,14 +56,16 @@ DEMO_RANDOM_BACKBONE = {**DEMO_DATA, "epochs": 1, "max_per_class": 20, "smoke_ru
 DEMO_ENSEMBLE = {**DEMO_DATA, "epochs": 2, "max_per_class": 30}
 RESNET = {"kind": "keras_applications", "weights": "imagenet", "model": "ResNet50"}
 # tuned (see lung_models.models.tuned): the documented epochs, batch and learning rate, trained the
-# careful way. The frozen-backbone models keep BatchNorm in their heads, so no weight averaging.
-TUNED = {**tuned.CT_SLICE, **tuned.PIPELINE_AUGMENTS}
+# careful way, with weight averaging (the heads' BatchNorm sees only the frozen backbone's output,
+# whose statistics the trained weights do not change).
+TUNED = {**tuned.CT_SLICE, **tuned.PIPELINE_AUGMENTS, "weight_averaging": tuned.AVERAGING}
 # The custom CNN learns from scratch: batches of 16 (twice the updates per epoch) over 40 epochs,
 # the last ones at a small learning rate, and weight averaging (it has no BatchNorm).
 TUNED_CNN = {**TUNED, "epochs": 40, "batch_size": 16, "weight_averaging": tuned.AVERAGING,
              "selection": {**tuned.SELECTION, "patience": 10}}
-# The ensemble trains only its combiner; it must see its inputs as its submodels did (in grey).
-TUNED_ENSEMBLE = dict(tuned.CT_SLICE)
+# The ensemble trains only its combiner (no builder options); it must see its inputs as its
+# submodels did (in grey).
+TUNED_ENSEMBLE = {**tuned.CT_SLICE, "weight_averaging": tuned.AVERAGING}
 
 
 def _spec(name: str, title: str, documented: float, demo: dict[str, Any] = DEMO_RANDOM_BACKBONE,

@@ -16,9 +16,12 @@ a documented one. Per family the profile adds:
 - a loss weighted per class inversely to its frequency (``class_weight: balanced``);
 - for H&E tiles, test-time augmentation: the model averaged over flipped views of its input,
   kept only when that lowers the validation loss (the card says which);
-- for the networks without BatchNorm, an exponential moving average of the weights is what is
-  validated, kept and exported (``weight_averaging``). With BatchNorm the averaged weights would
-  meet moving statistics gathered for other weights, so those networks do without.
+- an exponential moving average of the weights is what is validated, kept and exported
+  (``weight_averaging``), for the networks whose BatchNorm statistics (if any) do not depend on
+  the trained weights: no BatchNorm (chest-cnn, lc25000-cnn, the ensemble's combiner), or one
+  right after a frozen backbone (chest-resnet50, chest-chained). Elsewhere (mixed7's head, the
+  fine-tuned TF-Hub module, the 3-D CNN) the averaged weights would meet moving statistics
+  gathered for other weights, so those do without.
 
 Each family module states its epochs, batch size and what else differs, and why.
 """
@@ -26,6 +29,8 @@ Each family module states its epochs, batch size and what else differs, and why.
 from __future__ import annotations
 
 from typing import Any
+
+from lung_models.augment import DEFAULTS as AUGMENTATION_DEFAULTS
 
 WARMUP_COSINE = {"kind": "warmup_cosine", "warmup_epochs": 2, "alpha": 0.01}
 SELECTION = {"monitor": "val_loss", "window": 3, "patience": 8}
@@ -36,9 +41,11 @@ COMMON: dict[str, Any] = {"lr_schedule": WARMUP_COSINE, "selection": SELECTION, 
 # gradients, short enough not to drag the early, poor weights along.
 AVERAGING = {"over_epochs": 1.0}
 
+# Augmentation options are spelled out (the augmentation module's defaults), so the card records them.
 CT_SLICE: dict[str, Any] = {**COMMON, "preprocessing": {"colour": "grey"}, "class_weight": "balanced",
-                            "augmentation": {"kind": "ct_slice"}}
-HE_TILE: dict[str, Any] = {**COMMON, "class_weight": "balanced", "augmentation": {"kind": "he_tile"},
-                            "test_time_augmentation": "flips"}
+                            "augmentation": {"kind": "ct_slice", **AUGMENTATION_DEFAULTS["ct_slice"]}}
+HE_TILE: dict[str, Any] = {**COMMON, "class_weight": "balanced",
+                           "augmentation": {"kind": "he_tile", **AUGMENTATION_DEFAULTS["he_tile"]},
+                           "test_time_augmentation": "flips"}
 # For builders with augmentation layers of their own: the pipeline augments instead.
 PIPELINE_AUGMENTS = {"build_options": {"in_model_augmentation": False}}

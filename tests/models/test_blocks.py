@@ -31,13 +31,15 @@ def test_test_time_augmentation_averages_the_flipped_views_saves_and_exports(tmp
     and load, and its ONNX graph gives the same probabilities."""
     import keras
 
-    from lung_models import export, registry
+    from lung_models import export, preprocess, registry
     from lung_models.training import load_checkpoint
 
     entry = registry.get("lc25000-cnn")
     shape = entry.spec.test_input_shape
+    params = entry.spec.preprocessing
     model = entry.build(entry.spec, input_shape=shape)
-    x = np.random.default_rng(2).random((3, *shape)).astype("float32")
+    pixels = np.random.default_rng(2).integers(0, 256, (3, *shape)).astype("uint8")
+    x = preprocess.batch_stage(pixels, params)
     wrapped = blocks.with_test_time_augmentation(model, shape)
     views = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
     expected = np.mean([np.asarray(model(v, training=False)) for v in views], axis=0)
@@ -48,5 +50,5 @@ def test_test_time_augmentation_averages_the_flipped_views_saves_and_exports(tmp
     np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=1e-5, atol=1e-6)
     fn = export.probability_function(loaded, entry.spec.output, shape)
     export.convert(fn, tmp_path / "tta.onnx")
-    parity = export.check_parity(fn, export.ort_session(tmp_path / "tta.onnx"), x, {"kind": "ct_volume"})
+    parity = export.check_parity(fn, export.ort_session(tmp_path / "tta.onnx"), pixels, params)
     assert parity["passed"], parity
