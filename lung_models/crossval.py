@@ -3,10 +3,10 @@
 One validation split of a few dozen images says little about a recipe (one image is one or two
 points of accuracy). Here the train and validation splits are pooled and cut into ``k`` folds,
 stratified by class, with every near-copy of an image inside one fold (see
-:func:`near_copy_groups`). Each fold is held out once: the recipe trains on the others (its early
-stopping and selection watching an inner validation split carved from them, with the same
-grouping, never the held-out fold) and is scored on the held-out fold. The test split is not
-touched, so it stays the final, once-only check of the model that ships.
+:mod:`lung_models.data.near_copies`). Each fold is held out once: the recipe trains on the
+others (its early stopping and selection watching an inner validation split carved from them,
+with the same grouping, never the held-out fold) and is scored on the held-out fold. The test
+split is not touched, so it stays the final, once-only check of the model that ships.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lung_models import preprocess
+from lung_models.data import near_copies
 from lung_models.data.datasets import PreparedData
 from lung_models.fileutil import atomic_write_json
 from lung_models.registry import ModelSpec, TrainingRecipe
@@ -28,14 +29,6 @@ from lung_models.registry import ModelSpec, TrainingRecipe
 log = logging.getLogger(__name__)
 POOLED = ("train", "val")
 INNER_VALIDATION_FOLDS = 7  # the inner validation split is one seventh (about 14%) of the training folds
-# Two images whose 16x16 grey thumbnails correlate at least this much, in any of the eight
-# flips and quarter turns, are near-copies. Byte-identical copies are dropped before this; what is
-# left in the Kaggle chest CT sample are re-encoded or re-cropped copies of one slice and
-# neighbouring slices of one scan: 39 pairs above 0.99, 102 above 0.95 (578 distinct files form
-# 433 groups, the largest of 14; one group holds two classes). At 0.90 one group swallows 248
-# unrelated slices, so 0.95 it is.
-NEAR_COPY_CORRELATION = 0.95
-THUMBNAIL = 16
 
 
 def stratified_group_folds(y: np.ndarray, groups: list[str], k: int, seed: int) -> list[np.ndarray]:
@@ -50,43 +43,10 @@ def stratified_group_folds(y: np.ndarray, groups: list[str], k: int, seed: int) 
     return [held for _, held in splitter.split(np.zeros(len(y)), y, groups)]
 
 
-def near_copy_groups(x: np.ndarray, params: dict[str, object], exact: list[str]) -> list[str]:
-    """A group name per item: items linked by a chain of near-copies share one (exact copies, by
-    ``exact`` hashes, always do). Volumes are grouped by ``exact`` only."""
-    if params.get("kind") != "rgb_image":
-        return list(exact)
-    from PIL import Image
-
-    thumbs = np.stack([np.asarray(Image.fromarray(np.asarray(image).mean(axis=-1).astype(np.uint8))
-                                  .resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR), dtype=np.float32)
-                       for image in x])
-
-    def unit(t: np.ndarray) -> np.ndarray:
-        flat = t.reshape(len(t), -1)
-        flat = flat - flat.mean(axis=1, keepdims=True)
-        return flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)
-
-    base = unit(thumbs)
-    views = [unit(np.ascontiguousarray(v)) for k in range(4)
-             for v in (np.rot90(thumbs, k, axes=(1, 2)), np.rot90(thumbs, k, axes=(1, 2))[:, :, ::-1])]
-    parent = list(range(len(x)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[str, int] = {}
-    for i, digest in enumerate(exact):
-        parent[root(i)] = root(first.setdefault(digest, i))
-    for start in range(0, len(x), 1024):  # blocks of rows: a data set of 15,000 tiles fits in memory
-        rows = base[start:start + 1024]
-        similarity = np.max([rows @ v.T for v in views], axis=0)
-        for i, j in zip(*np.nonzero(similarity >= NEAR_COPY_CORRELATION)):
-            if start + i != j:
-                parent[root(int(start + i))] = root(int(j))
-    return [exact[root(i)] for i in range(len(x))]
+def near_copy_groups(x: np.ndarray, params: dict[str, Any], exact: list[str]) -> list[str]:
+    """A group per item (see :mod:`lung_models.data.near_copies`); volumes by ``exact`` hash only."""
+    thumbs = np.stack([near_copies.thumbnail(image) for image in x]) if params.get("kind") == "rgb_image" else None
+    return near_copies.groups(thumbs, exact)
 
 
 def fold_plan(y: np.ndarray, groups: list[str], folds: int, seed: int
@@ -155,8 +115,7 @@ def cross_validate(spec: ModelSpec, build: Callable[..., Any], data: PreparedDat
         shutil.rmtree(fold_dir, ignore_errors=True)  # arrays and checkpoints: only the figures are kept
     summary = {
         "folds": folds, "seed": seed, "pooled_splits": list(POOLED), "n": int(len(y_pool)),
-        "grouping": f"stratified by class; exact copies and near-copies (16x16 grey thumbnails correlating at "
-                    f">= {NEAR_COPY_CORRELATION} in any flip or quarter turn) in one fold",
+        "grouping": f"stratified by class; exact copies and near-copies ({near_copies.RULE}) in one fold",
         "groups": len(set(groups)),
         "inner_validation": f"1/{INNER_VALIDATION_FOLDS} of the training folds, for early stopping and selection",
         "seconds": round(time.perf_counter() - started, 1),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lung_models import preprocess
+from lung_models.data import near_copies
 from lung_models.data.catalog import DatasetSpec
 from lung_models.data.readers import IMAGE, NIFTI, READER_VERSION, READERS, InputError
 from lung_models.fileutil import atomic_write_json, sha256_bytes, sha256_file
@@ -216,6 +217,27 @@ class PreparedData:
         return json.loads((self.folder / "manifest.json").read_text())
 
 
+def _without_near_copies_of(earlier: list[tuple[LabelledFile, np.ndarray]], kept: list[tuple[LabelledFile, np.ndarray]],
+                            split: str, hashes: dict[str, str], dropped: list[dict[str, Any]], root: Path
+                            ) -> list[tuple[LabelledFile, np.ndarray]]:
+    """``kept`` without the images that are near-copies of one in an earlier split (train before
+    val before test, as for byte-identical copies), each drop recorded in ``dropped``; ``earlier``
+    grows by what is kept."""
+    thumbs = np.stack([near_copies.thumbnail(a) for _, a in kept])
+    if earlier:
+        copies: dict[int, tuple[int, float]] = {}
+        for i, j, r in near_copies.pairs(thumbs, np.stack([t for _, t in earlier])):
+            copies.setdefault(i, (j, r))
+        for i, (j, r) in sorted(copies.items()):
+            item = kept[i][0]
+            dropped.append({"path": str(item.path.relative_to(root)), "sha256": hashes[str(item.path)], "split": split,
+                            "near_copy_of": str(earlier[j][0].path.relative_to(root)), "correlation": round(r, 4)})
+        keep = [i for i in range(len(kept)) if i not in copies]
+        kept, thumbs = [kept[i] for i in keep], thumbs[keep]
+    earlier.extend((item, t) for (item, _), t in zip(kept, thumbs))
+    return kept
+
+
 def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int | None = None,
             input_shape: tuple[int, ...] | None = None, preprocessing: dict[str, Any] | None = None,
             progress: Callable[[str], None] | None = None) -> PreparedData:
@@ -239,7 +261,7 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
     say(f"{spec.name}: hashing {len(items)} files under {root}")
     hashes = {str(i.path): sha256_file(i.path) for i in items}
     key_src = json.dumps({"params": params, "classes": spec.class_names, "split": spec.dataset.split,
-                          "reader_version": READER_VERSION,
+                          "reader_version": READER_VERSION, "near_copies": near_copies.RULE,
                           "files": sorted((hashes[str(i.path)], i.label) for i in items)}, sort_keys=True)
     folder = Path(cache_root) / f"{spec.dataset.name.split()[0].lower()}-{sha256_bytes(key_src.encode())[:16]}"
     if (folder / "manifest.json").exists():
@@ -253,7 +275,8 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
     read = reader_for(params)
     manifest: dict[str, Any] = {"preprocessing": params, "class_names": list(spec.class_names),
                                 "root": str(root), "split": spec.dataset.split, "split_note": split_note, "splits": {},
-                                "skipped": [], "duplicates_dropped": duplicates}
+                                "skipped": [], "duplicates_dropped": duplicates, "near_copies_dropped": []}
+    earlier: list[tuple[LabelledFile, np.ndarray]] = []  # (item, thumbnail) of the splits already made
     for name in SPLITS:
         kept: list[tuple[LabelledFile, np.ndarray]] = []
         for n, item in enumerate(splits[name], 1):
@@ -272,6 +295,12 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
             raise ValueError(f"{spec.name}: none of the {len(splits[name])} {name} files under {root} could be "
                              f"read (the first: {first}); fix or convert them (8-bit PNG/JPEG, 3-D NIfTI in HU) "
                              "and run again")
+        if params["kind"] == "rgb_image":
+            kept = _without_near_copies_of(earlier, kept, name, hashes, manifest["near_copies_dropped"], root)
+            if not kept:
+                raise ValueError(f"{spec.name}: every file of the {name} split under {root} is a near-copy of a file "
+                                 "in an earlier split (see near_copies_dropped in the split manifest); add distinct "
+                                 "files to it")
         x = np.stack([a for _, a in kept]).astype(preprocess.cached_dtype(params))
         y = np.array([i.label for i, _ in kept], dtype=np.int64)
         np.save(folder / f"{name}_x.npy", x)
@@ -279,5 +308,8 @@ def prepare(spec: ModelSpec, root: Path, cache_root: Path, *, max_per_class: int
         manifest["splits"][name] = [
             {"path": str(i.path.relative_to(root)), "sha256": hashes[str(i.path)],
              "label": spec.class_names[i.label]} for i, _ in kept]
+    if manifest["near_copies_dropped"]:
+        say(f"{spec.name}: dropped {len(manifest['near_copies_dropped'])} near-copies of images in an earlier split "
+            "(see the split manifest)")
     atomic_write_json(folder / "manifest.json", manifest)  # written last: marks the cache complete
     return PreparedData(folder)

@@ -128,3 +128,25 @@ def test_missing_class_folder_is_a_clear_error(tmp_path):
     (tmp_path / "lung_aca").mkdir()
     with pytest.raises(datasets.DatasetLayoutError, match="lung_scc"):
         datasets.find_items(tmp_path, spec.dataset, spec.class_names)
+
+
+def test_near_copies_of_a_training_image_are_dropped_from_later_splits(tmp_path):
+    """A mirrored JPEG re-encode of a training slice in the test folder is the same picture: it is
+    dropped from test (and named in the manifest); distinct slices stay."""
+    spec = registry.get("chest-cnn").spec
+    rng = np.random.default_rng(0)
+    for split, folders in (("train", CHEST_TRAIN), ("valid", CHEST_TRAIN), ("test", CHEST_TEST)):
+        for c, folder in enumerate(folders):
+            for i in range(3):
+                path = tmp_path / split / folder / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).resize((80, 80)).save(path)
+    original = tmp_path / "train" / CHEST_TRAIN[2] / "0.png"
+    Image.open(original).transpose(Image.FLIP_LEFT_RIGHT).convert("RGB").save(
+        tmp_path / "test" / "normal" / "copy.jpg", quality=85)
+    prepared = datasets.prepare(spec, tmp_path, tmp_path / "cache", input_shape=(32, 32, 3))
+    manifest = prepared.manifest
+    (dropped,) = manifest["near_copies_dropped"]
+    assert dropped["path"] == "test/normal/copy.jpg" and dropped["near_copy_of"] == "train/normal/0.png"
+    assert dropped["split"] == "test" and dropped["correlation"] > 0.95
+    assert {k: len(v) for k, v in manifest["splits"].items()} == {"train": 12, "val": 12, "test": 12}
