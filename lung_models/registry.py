@@ -79,6 +79,10 @@ class TrainingRecipe:
     # "flips": after training, also try the model averaged over flipped views of its input (one
     # graph, exported as such) and keep that only if its validation loss is lower.
     test_time_augmentation: str | None = None
+    # Train at least this many optimizer steps: on a small data set the epochs grow until they
+    # hold that many (a documented epoch count is for the full data set, where an epoch is many
+    # times longer). An explicit --epochs turns it off.
+    min_steps: int | None = None
 
 
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingRecipe))
@@ -134,6 +138,8 @@ class ModelSpec:
             raise KeyError(f"{self.name}: no profile {profile!r}; known: full, {', '.join(self.profiles)}")
         values = {k: v for k, v in self.profiles.get(profile, {}).items() if k in RECIPE_FIELDS}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("epochs") is not None:  # the epochs asked for, exactly
+            values["min_steps"] = None
         return dataclasses.replace(self.recipe, **values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -306,6 +307,11 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     adapt_x = preprocess.batch_stage(x_train[sample], params)  # for layers adapted on training images
     model = build_model(build, spec, recipe, input_shape=input_shape, parts=parts, adapt_x=adapt_x)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    if recipe.min_steps and recipe.epochs * steps_per_epoch < recipe.min_steps:
+        epochs = math.ceil(recipe.min_steps / steps_per_epoch)
+        say(f"{spec.name}: {recipe.epochs} epochs of {steps_per_epoch} steps are fewer than the recipe's "
+            f"{recipe.min_steps}: training up to {epochs} epochs")
+        recipe = dataclasses.replace(recipe, epochs=epochs)
     model.compile(optimizer=make_optimizer(recipe, steps_per_epoch), loss=make_loss(recipe, y_train, n_classes),
                   metrics=["accuracy"])
     if recipe.class_weight not in (None, "balanced"):

@@ -77,3 +77,9 @@ def test_every_registered_model_has_test_settings():
         assert len(spec.test_input_shape) == len(spec.input_shape), name
         assert spec.test_input_shape[-1] == spec.input_shape[-1], name  # same channels
         assert all(t <= d for t, d in zip(spec.test_input_shape, spec.input_shape)), name
+
+
+def test_a_minimum_of_steps_grows_the_epochs_unless_epochs_are_asked_for():
+    spec = registry.get("lc25000-cnn").spec
+    assert spec.recipe_for("tuned").min_steps == 400 and spec.recipe_for("full").min_steps is None
+    assert spec.recipe_for("tuned", epochs=6).min_steps is None  # --epochs 6 means six epochs

@@ -210,3 +210,23 @@ def test_every_model_has_a_tuned_profile_that_keeps_its_layers_and_input(name):
     assert tuned.selection and tuned.lr_schedule["kind"] == "warmup_cosine"
     if entry.spec.preprocessing.get("ct_window"):  # CT slices: grey, like DICOM
         assert tuned.preprocessing == {"colour": "grey"}
+
+
+@pytest.mark.parametrize("min_steps, epochs", [(23, 5), (3, 2), (None, 2)])
+def test_train_grows_the_epochs_to_the_recipes_minimum_of_steps(tmp_path, monkeypatch, min_steps, epochs):
+    for split in ("train", "val"):
+        np.save(tmp_path / f"{split}_x.npy", np.zeros((20, 64, 64, 3), np.uint8))
+        np.save(tmp_path / f"{split}_y.npy", np.arange(20) % 2)
+    (tmp_path / "manifest.json").write_text(json.dumps({"preprocessing": {"kind": "rgb_image", "scale": 1 / 255}}))
+    seen = []
+
+    def spy(recipe, steps_per_epoch=1):
+        seen.append((recipe.epochs, steps_per_epoch))
+        raise _Stop
+
+    monkeypatch.setattr(training, "make_optimizer", spy)
+    entry = registry.get("lc25000-cnn")
+    recipe = dataclasses.replace(entry.spec.recipe_for("tuned"), epochs=2, batch_size=4, min_steps=min_steps)
+    with pytest.raises(_Stop):
+        training.train(entry.spec, entry.build, PreparedData(tmp_path), recipe, tmp_path / "run", input_shape=(64, 64, 3))
+    assert seen == [(epochs, 5)]  # 20 items in batches of 4: 5 steps an epoch
