@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from lung_models import preprocess
 from lung_models.data import near_copies
 from lung_models.data.datasets import PreparedData
 from lung_models.fileutil import atomic_write_json
@@ -101,8 +100,7 @@ def cross_validate(spec: ModelSpec, build: Callable[..., Any], data: PreparedDat
                                  input_shape=input_shape, progress=say)
         model = training.load_checkpoint(trained.checkpoint)
         fn = export.probability_function(model, spec.output, tuple(x_pool.shape[1:]))
-        probs = np.concatenate([np.asarray(fn(preprocess.batch_stage(x_pool[held[j:j + 16]], params)))
-                                for j in range(0, len(held), 16)])
+        probs = training.predict_split(fn, x_pool[held], params)
         pred, truth = probs.argmax(1), y_pool[held]
         results.append({"fold": i + 1, "n_held_out": int(len(held)), "accuracy": float((pred == truth).mean()),
                         "macro_f1": float(f1_score(truth, pred, average="macro",
@@ -117,7 +115,8 @@ def cross_validate(spec: ModelSpec, build: Callable[..., Any], data: PreparedDat
         "folds": folds, "seed": seed, "pooled_splits": list(POOLED), "n": int(len(y_pool)),
         "grouping": f"stratified by class; exact copies and near-copies ({near_copies.RULE}) in one fold",
         "groups": len(set(groups)),
-        "inner_validation": f"1/{INNER_VALIDATION_FOLDS} of the training folds, for early stopping and selection",
+        "inner_validation": f"1/{INNER_VALIDATION_FOLDS} of the training folds (1/k for a class of k < "
+                            f"{INNER_VALIDATION_FOLDS} items), for early stopping and selection",
         "seconds": round(time.perf_counter() - started, 1),
         "per_fold": results,
     }

@@ -399,6 +399,14 @@ def release_tensorflow_memory() -> None:
     gc.collect()
 
 
+def predict_split(fn, x: np.ndarray, params: dict[str, Any], batch_size: int = 16) -> np.ndarray:
+    """``fn``'s probabilities for cached items ``x``, prepared batch by batch (``params``: their
+    preprocessing; ``None`` when ``x`` is already model input)."""
+    return np.concatenate([np.asarray(fn(x[i:i + batch_size] if params is None
+                                         else preprocess.batch_stage(x[i:i + batch_size], params)))
+                           for i in range(0, len(x), batch_size)])
+
+
 def choose_test_time_augmentation(spec: ModelSpec, model, views: str, val_x: np.ndarray, val_y: np.ndarray,
                                   weights: np.ndarray | None = None):
     """``model`` or its test-time-augmented wrapper, whichever has the lower validation loss (a
@@ -414,7 +422,7 @@ def choose_test_time_augmentation(spec: ModelSpec, model, views: str, val_x: np.
     loss, acc = {}, {}
     for key, candidate in candidates.items():
         fn = probability_function(candidate, spec.output, shape)
-        probs = np.concatenate([np.asarray(fn(val_x[i:i + 16])) for i in range(0, len(val_x), 16)])
+        probs = predict_split(fn, val_x, None)
         loss[key] = float(log_loss(val_y, np.clip(probs, 1e-7, 1), labels=list(range(probs.shape[1])),
                                    sample_weight=weights))
         acc[key] = float((probs.argmax(1) == val_y).mean())

@@ -75,7 +75,8 @@ def summarise(model: str, recipe: str, card: dict) -> dict:
         "test_macro_f1": m.get("macro_f1"), "splits": m["splits"], "per_class": m["per_class"],
         "confusion_matrix": m["confusion_matrix"], "epochs_run": card["training"]["epochs_run"],
         "train_seconds": card["training"]["seconds"], "device": card["training"]["device"],
-        "split_note": json.loads((Path(card["data"]["cache"]) / "manifest.json").read_text())["split_note"], "seed_figure": card["model"]["documented_metrics"],
+        "split_note": json.loads((Path(card["data"]["cache"]) / "manifest.json").read_text())
+        ["split_note"], "seed_figure": card["model"]["documented_metrics"],
         "published": PUBLISHED.get(model),
     }
 

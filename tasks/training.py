@@ -11,7 +11,7 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from lung_models import crossval, evaluation, export, preprocess, registry, training
+from lung_models import crossval, evaluation, export, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
 from lung_models.training import release_tensorflow_memory
@@ -72,11 +72,6 @@ def _cross_validate(model_name: str, prepared: str, work_dir: str, profile: str,
     return {**summary, "profile": profile, "recipe": dataclasses.asdict(recipe)}
 
 
-def predict_split(fn, x: np.ndarray, params: dict[str, Any], batch_size: int = 16) -> np.ndarray:
-    return np.concatenate([fn(preprocess.batch_stage(x[i:i + batch_size], params)).numpy()
-                           for i in range(0, len(x), batch_size)])
-
-
 @task(name="evaluate-model")
 def evaluate_model(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
     """Metrics on the held-out test split (and accuracy/loss on every split), plots, split manifest."""
@@ -106,7 +101,7 @@ def _evaluate(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
     for split in SPLITS:
         x, y = data.arrays(split)
         fn = export.probability_function(model, spec.output, tuple(x.shape[1:]))
-        probs = predict_split(fn, x, params)
+        probs = training.predict_split(fn, x, params)
         labels = list(range(len(spec.class_names)))
         splits[split] = {"n": len(y), "accuracy": float((probs.argmax(1) == y).mean()),
                          "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels))}

@@ -46,7 +46,8 @@ def test_he_tiles_flip_turn_and_change_stain_within_bounds():
         assert np.abs(np.sort(o, axis=None).astype(int) - np.sort(b, axis=None)).max() <= 1
     moved = sum(not np.array_equal(o, b) for o, b in zip(only_geometry, batch))
     assert 40 <= moved < 64  # 1 in 8 keeps its place (no flip and no turn, or both flips and a half turn)
-    stained = augment.images(batch, {"kind": "he_tile", "flips": False, "quarter_turns": False}, np.random.default_rng(4))
+    stained = augment.images(batch, {"kind": "he_tile", "flips": False, "quarter_turns": False},
+                             np.random.default_rng(4))
     change = np.abs(stained.astype(int) - batch)
     assert 0 < change.mean() < 30
 

@@ -228,5 +228,6 @@ def test_train_grows_the_epochs_to_the_recipes_minimum_of_steps(tmp_path, monkey
     entry = registry.get("lc25000-cnn")
     recipe = dataclasses.replace(entry.spec.recipe_for("tuned"), epochs=2, batch_size=4, min_steps=min_steps)
     with pytest.raises(_Stop):
-        training.train(entry.spec, entry.build, PreparedData(tmp_path), recipe, tmp_path / "run", input_shape=(64, 64, 3))
+        training.train(entry.spec, entry.build, PreparedData(tmp_path), recipe, tmp_path / "run",
+                       input_shape=(64, 64, 3))
     assert seen == [(epochs, 5)]  # 20 items in batches of 4: 5 steps an epoch

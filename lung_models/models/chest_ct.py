@@ -78,7 +78,8 @@ def _spec(name: str, title: str, documented: float, demo: dict[str, Any] = DEMO_
         # The CNN's five conv/pool blocks need 94 pixels a side; the family shares one size because
         # the ensemble holds both submodels.
         test_input_shape=(96, 96, 3),
-        preprocessing=PREPROCESSING, dataset=CHEST_CT, recipe=RECIPE, profiles={"demo": dict(demo), "tuned": dict(tuned_profile)},
+        preprocessing=PREPROCESSING, dataset=CHEST_CT, recipe=RECIPE,
+        profiles={"demo": dict(demo), "tuned": dict(tuned_profile)},
         documented_metrics={"test_accuracy": documented}, **extra)
 
 
@@ -92,7 +93,8 @@ CHAINED_SPEC = _spec("chest-chained", "ResNet50 features chained into the custom
 
 
 def _resnet_features(spec: ModelSpec, input_shape, weights: str, in_model_augmentation: bool = True):
-    """Input → augmentation (unless the data pipeline augments instead) → rescale → frozen ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
+    """Input → augmentation (unless the data pipeline augments instead) → rescale → frozen
+    ResNet50 (max pooling) → BatchNorm → Dense 256 → Dropout."""
     import keras
     from keras import layers
 

@@ -15,9 +15,9 @@ import keras
 import numpy as np
 
 from lung_models.data.catalog import CT_CANCER
+from lung_models.models import tuned
 from lung_models.models.blocks import ChannelNormalization, HubFeatures, augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, resolve_tfhub
-from lung_models.models import tuned
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
 HANDLE = "https://www.kaggle.com/models/google/inception-v3/TensorFlow2/feature-vector/2"

@@ -5,8 +5,8 @@ Detection Using Transfer Learning")."""
 from __future__ import annotations
 
 from lung_models.data.catalog import LC25000
-from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.models import tuned
+from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.registry import HISTOLOGY_TILE, ModelSpec, TrainingRecipe, register
 
 DATASET = LC25000.subset(

@@ -136,7 +136,7 @@ def test_near_copies_of_a_training_image_are_dropped_from_later_splits(tmp_path)
     spec = registry.get("chest-cnn").spec
     rng = np.random.default_rng(0)
     for split, folders in (("train", CHEST_TRAIN), ("valid", CHEST_TRAIN), ("test", CHEST_TEST)):
-        for c, folder in enumerate(folders):
+        for folder in folders:
             for i in range(3):
                 path = tmp_path / split / folder / f"{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
