@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,6 +85,11 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def host_tag() -> str:
+    """This host's name as it appears in file names (letters, digits and '-')."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
 @contextmanager
 def atomic_writer(path: str | os.PathLike, binary: bool = False, encoding: str = "utf-8",
                   newline: str = "") -> Iterator[IO[Any]]:
@@ -90,13 +97,13 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False, encoding: str =
     ``path`` and fsync the directory; on any failure remove the temp file and re-raise.
 
     Readers see the old file (or none) or the whole new one, never a partial file. The temp name
-    carries the writer's pid (``.<name>.<pid>.<random>.tmp``) so a later run can tell a killed
-    writer's leftover from a live one. Unlike a bare ``mkstemp`` file (mode 0600), the result gets
+    carries the writer's pid and host (``.<name>.<pid>@<host>.<random>.tmp``) so a later run can
+    tell a killed writer's leftover from a live one, and another host's from its own. Unlike a bare ``mkstemp`` file (mode 0600), the result gets
     the usual 0666 & ~umask, so ops staff can read reports.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{host_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding, newline=newline)) as handle:

@@ -33,6 +33,49 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """The admin URL of a PostgreSQL server for this session: LUNG_TEST_POSTGRES_URL, or one the tests
+    start from Debian's binaries. Without either, tests that need it skip saying why, except under CI
+    (CI=true), where .ci/run installs the package and a missing server is a failure."""
+    import pgserver
+
+    url = os.environ.get("LUNG_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    try:
+        server = pgserver.Server()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL ledger tests: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A fresh, empty database on the session's server, dropped after the test."""
+    import uuid
+
+    import pgserver
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield pgserver.create_database(postgres_server, name)
+    pgserver.drop_database(postgres_server, name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request):
+    """Each ledger backend in turn: None (SQLite in the output folder), then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test harness (a temporary API + SQLite) for every flow test of the session."""
     from prefect.testing.utilities import prefect_test_harness

@@ -5,7 +5,10 @@ item's path, the sha256 of its content, the sha256 of the model's ONNX file and 
 models may ship byte-identical ONNX files, e.g. the same graph under two names). ``ok`` and ``rejected``
 rows are *done* (``rejected`` means the content itself is bad, so it would be bad again); an
 ``error`` row (unreadable file, refused bundle, inference crash) is reported but not done, so the
-next run retries it. The ledger is one SQLite file, ``<output_dir>/ledger.sqlite3``.
+next run retries it. The ledger is one SQLite file, ``<output_dir>/ledger.sqlite3`` (one host, the
+embedded default), or a PostgreSQL database chosen by URL (``Ledger(output_dir, url=...)``) that
+runs on many hosts share: the same tables, the same rules, enforced by the database either way
+(see ``database``).
 
 Why every (file, model version) appears exactly once in the outputs, whatever crashes:
 
@@ -39,10 +42,21 @@ rows are streamed from SQLite cursors, and every CSV has the one fixed header of
 The ledger also keeps discovery's hash cache (``file_hashes``): each file's sha256 and what it is,
 under its stat key, so an unchanged file is not read again the next night (see ``discovery``).
 
-Runs are serialised by :func:`lock.scoring_lock` (an ``flock`` on ``<output_dir>/.scoring.lock``,
-released by the kernel even when its holder is killed -9); take it around ``done``/scoring/
-``record``/``publish``/``write_cumulative``. ``publish`` relies on it: it deletes leftover CSV temp
-files it takes for a dead writer's (see ``Ledger._remove_stale_temps``).
+Work is shared by claims: before scoring, a worker claims the (path, content, bundle, model) keys it
+will score (``Ledger.claim``); a key another live run holds is left to it, so two runs on one night
+split it instead of waiting for each other or scoring everything twice. A claim is a lease, renewed
+as its holder commits rows and ended when they are recorded; a killed holder's claims lapse after
+``CLAIM_SECONDS`` and the next run takes those keys. Claims only share work: exactly-once rests on
+the unique done key, so a lapsed claim whose holder still writes costs time, never a duplicate.
+
+Publication is serialised: with SQLite by :func:`lock.scoring_lock` (an ``flock`` on
+``<output_dir>/.scoring.lock``, released by the kernel even when its holder is killed -9), which the
+caller holds around the whole run; with PostgreSQL by an advisory lock that ``publish`` takes itself
+(released by the server when its connection ends). Under it, ``publish`` deletes CSV temp files it
+takes for a dead writer's (see ``Ledger._remove_stale_temps``).
+
+Every run also notes the model versions it pinned (``Ledger.start_night``): the bundles it scores
+with, by sha256, so every worker of the night uses the same ones.
 
 Pure library code: no Prefect imports.
 """
@@ -54,15 +68,16 @@ import json
 import logging
 import os
 import re
-import sqlite3
-import threading
+import socket
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lung_models.fileutil import utc_now, utf8_text
+from lung_models.fileutil import host_tag, utc_now, utf8_text
+from lung_models.scoring import database
 from lung_models.scoring.items import DONE_STATUSES, STATUSES
 from lung_models.scoring.lock import OutputNotWritable, pid_alive
 from lung_models.scoring.report import write_csv
@@ -76,13 +91,16 @@ CUMULATIVE_NAME = "scores-cumulative.csv"
 # rows_attempt). 1 -> 2 only recreates those two indexes: the new unique index is looser, so it always builds.
 # 3: fixed CSV columns (rows.COLUMNS; older rows are upgraded as they are written out, rows.upgrade) and the
 # file_hashes table. The keysets and columns tables of 2 are no longer written; rows.keyset is 0 from 3 on.
-_SCHEMA_VERSION = 3
+# 4: claims (leases on work) and nights (the model versions each run pinned); PostgreSQL ledgers start here.
+_SCHEMA_VERSION = 4
 _REBUILT_INDEXES = {1: ("rows_done_key", "rows_attempt")}  # by the version they are rebuilt from
 _DONE_CHUNK = 400  # (path, sha) pairs per query: 802 parameters, far below SQLite's limit
 STALE_TEMP_SECONDS = 3600  # a CSV temp file untouched this long is a dead writer's (writers rewrite it within seconds)
-# fileutil.atomic_writer's temp names for our CSVs: .<name>.csv.<pid>.<mkstemp's random part>.tmp
-_TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
-_READ_ONLY = re.compile(r"readonly|read-only|unable to open|permission", re.IGNORECASE)
+CLAIM_SECONDS = 900.0  # a claim's lease: renewed at every commit, so only a dead or hung holder lets it lapse
+# fileutil.atomic_writer's temp names for our CSVs: .<name>.csv.<pid>@<host>.<mkstemp's random part>.tmp
+# (before schema 4 without "@<host>": taken for this host's).
+_TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)(?:@([A-Za-z0-9-]+))?\.[A-Za-z0-9_]+\.tmp$")
+FOLDER_ID_NAME = ".ledger-id"
 _STAMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _SCHEMA = """
@@ -93,7 +111,7 @@ CREATE TABLE IF NOT EXISTS file_hashes (
     seen_utc TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS reports (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {serial},
     name TEXT NOT NULL UNIQUE,           -- CSV file name in output_dir
     run_id TEXT NOT NULL,
     claimed_utc TEXT NOT NULL,
@@ -102,7 +120,7 @@ CREATE TABLE IF NOT EXISTS reports (
     published_utc TEXT                   -- NULL until the CSV is durably in place
 );
 CREATE TABLE IF NOT EXISTS rows (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     relative_path TEXT NOT NULL,
     file_sha256 TEXT NOT NULL,
     bundle_sha256 TEXT NOT NULL,
@@ -121,6 +139,27 @@ CREATE UNIQUE INDEX IF NOT EXISTS rows_done_key ON rows(relative_path, file_sha2
     WHERE done = 1;
 CREATE INDEX IF NOT EXISTS rows_attempt ON rows(relative_path, bundle_sha256, model, file_sha256);
 CREATE INDEX IF NOT EXISTS rows_report ON rows(report);
+CREATE TABLE IF NOT EXISTS claims (
+    relative_path TEXT NOT NULL,
+    file_sha256 TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    model TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    shard TEXT NOT NULL,                 -- the claiming shard, so it can renew and release its own
+    expires REAL NOT NULL,               -- the database's clock (epoch seconds): hosts' clocks may differ
+    PRIMARY KEY (relative_path, file_sha256, bundle_sha256, model)
+);
+CREATE INDEX IF NOT EXISTS claims_holder ON claims(run_id, shard);
+CREATE TABLE IF NOT EXISTS nights (
+    run_id TEXT PRIMARY KEY,
+    started_utc TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pins TEXT NOT NULL                   -- JSON list: every model version the run scores with, by sha256
+);
+CREATE TABLE IF NOT EXISTS ledger_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 # A later row is another attempt at the same item when it has the same content; an error row without
@@ -131,20 +170,28 @@ _SAME_CONTENT = "(later.file_sha256 = {row}.file_sha256 OR {row}.file_sha256 = '
 _CURRENT_ROWS = """
 WITH pub AS (
     SELECT r.id, r.run_id, r.row_json, r.relative_path, r.file_sha256, r.model, r.done,
-           json_extract(r.row_json, '$.series_uid_hash') AS series
+           {series} AS series
     FROM rows AS r JOIN reports AS p ON p.name = r.report WHERE p.published_utc IS NOT NULL),
 content AS (
     SELECT relative_path, series, model, file_sha256 FROM (
         SELECT relative_path, series, model, file_sha256, ROW_NUMBER() OVER (
             PARTITION BY relative_path, series, model ORDER BY file_sha256 != '' DESC, id DESC) AS n
-        FROM pub)
+        FROM pub) AS ranked
     WHERE n = 1)
 SELECT run_id, row_json FROM (
     SELECT pub.id, pub.run_id, pub.row_json, ROW_NUMBER() OVER (
         PARTITION BY pub.relative_path, pub.series, pub.model ORDER BY pub.done DESC, pub.id DESC) AS n
-    FROM pub JOIN content AS c ON c.relative_path = pub.relative_path AND c.series IS pub.series
-        AND c.model = pub.model AND c.file_sha256 = pub.file_sha256)
+    FROM pub JOIN content AS c ON c.relative_path = pub.relative_path AND c.series IS NOT DISTINCT FROM pub.series
+        AND c.model = pub.model AND c.file_sha256 = pub.file_sha256) AS current
 WHERE n = 1 ORDER BY id
+"""
+
+_CLAIM = """
+INSERT INTO claims (relative_path, file_sha256, bundle_sha256, model, run_id, shard, expires)
+VALUES (?, ?, ?, ?, ?, ?, {now} + ?)
+ON CONFLICT (relative_path, file_sha256, bundle_sha256, model) DO UPDATE
+    SET run_id = excluded.run_id, shard = excluded.shard, expires = excluded.expires
+    WHERE claims.run_id = excluded.run_id OR claims.expires < {now}
 """
 
 _INSERT_ROW = """
@@ -168,74 +215,86 @@ def _json_default(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------- ledger
 class Ledger:
-    """The scoring ledger of one output folder (``<output_dir>/ledger.sqlite3``)."""
+    """The scoring ledger of one output folder: ``<output_dir>/ledger.sqlite3``, or the PostgreSQL
+    database at ``url`` (``postgresql://user:password@host:port/db``; ``None`` or ``"sqlite"``: the file).
 
-    def __init__(self, output_dir: str | os.PathLike, busy_timeout: float = 120.0):
+    A PostgreSQL database holds the ledger of one output folder: the folder keeps its id in
+    ``.ledger-id`` and the database the same id, so a second folder pointed at the same database is
+    refused rather than mixed in (give it its own database, or its own schema with ``?options=-csearch_path%3D...``).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, url: str | None = None, busy_timeout: float = 120.0):
         self.output_dir = Path(output_dir)
-        self.path = self.output_dir / LEDGER_NAME
-        self._mutex = threading.RLock()
+        self.url = url
+        self._db = database.connect(self.output_dir, url, LEDGER_NAME, busy_timeout)
+        self._mutex = self._db._mutex
+        self.path = getattr(self._db, "path", None)
+        self.where = self._db.where
         try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; every write below is an explicit
-            # BEGIN IMMEDIATE ... COMMIT, and reads run in autocommit.
-            self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
-                                         check_same_thread=False)
-        except (PermissionError, sqlite3.OperationalError) as exc:
-            raise OutputNotWritable(self.output_dir, f"{LEDGER_NAME}: {exc}") from None
-        try:
-            # Rollback journal (DELETE), not WAL: writers are serialised by scoring_lock anyway, so
-            # WAL's concurrent readers buy nothing; the ledger stays one self-contained file (no -wal
-            # / -shm sidecars for a backup or copy to miss), and it works on filesystems without
-            # shared memory (network shares), where WAL cannot. With synchronous=FULL a commit is
-            # durable and atomic across kill -9 and power loss.
-            self._conn.execute("PRAGMA journal_mode=DELETE")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-            self._init_schema()
-        except sqlite3.OperationalError as exc:
-            self._conn.close()
-            if _READ_ONLY.search(str(exc)):
-                raise OutputNotWritable(self.output_dir, f"{LEDGER_NAME}: {exc}") from None
-            raise
+            with self._db.translate_errors():
+                self._init_schema()
+            if self._db.kind != "sqlite":
+                self._check_folder()
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
+
+    @property
+    def shared(self) -> bool:
+        """Whether runs on other hosts may use this ledger at the same time (PostgreSQL)."""
+        return self._db.kind != "sqlite"
 
     # -- plumbing
     def _init_schema(self) -> None:
-        with self._transaction():
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        with self._db.transaction(), self._db.schema_lock():
+            version = self._db.schema_version()
             if version > _SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path} has ledger schema {version}, newer than this code "
+                raise RuntimeError(f"{self.where} has ledger schema {version}, newer than this code "
                                    f"({_SCHEMA_VERSION}); upgrade lung_models")
             for old in range(version, _SCHEMA_VERSION):  # a new ledger (0) has nothing to drop
-                for index in _REBUILT_INDEXES.get(old, ()):
-                    self._conn.execute(f"DROP INDEX IF EXISTS {index}")
-            for statement in _SCHEMA.split(";"):
+                for index in _REBUILT_INDEXES.get(old, ()) if version else ():
+                    self._db.execute(f"DROP INDEX IF EXISTS {index}")
+            for statement in _SCHEMA.replace("{serial}", self._db.serial).split(";"):
                 if statement.strip():
-                    self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                    self._db.execute(statement)
+            if version != _SCHEMA_VERSION:
+                self._db.set_schema_version(_SCHEMA_VERSION)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._mutex:
+    def _check_folder(self) -> None:
+        """Tie a database ledger to its output folder (see the class docstring)."""
+        id_file = self.output_dir / FOLDER_ID_NAME
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._conn
-                except BaseException:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:  # the folder or the file turned read-only
-                if _READ_ONLY.search(str(exc)):
-                    raise OutputNotWritable(self.output_dir, f"{LEDGER_NAME}: {exc}") from None
-                raise
+                fd = os.open(id_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            else:  # first use: this folder's id, written once (O_EXCL: two hosts cannot both write one)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(f"{uuid.uuid4()}\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            folder_id = id_file.read_text().strip()
+        except OSError as exc:
+            raise OutputNotWritable(self.output_dir, f"{FOLDER_ID_NAME}: {exc}") from None
+        if not folder_id:  # another host is writing it this instant
+            time.sleep(0.5)
+            folder_id = id_file.read_text().strip()
+        with self._db.transaction():
+            self._db.execute("INSERT INTO ledger_meta (key, value) VALUES ('folder_id', ?) ON CONFLICT (key) "
+                             "DO NOTHING", (folder_id,))
+            (held,) = self._db.execute("SELECT value FROM ledger_meta WHERE key = 'folder_id'").fetchone()
+        if held != folder_id:
+            raise database.LedgerUnavailable(
+                f"the PostgreSQL ledger {self.where} belongs to another output folder (id {held}; {id_file} says "
+                f"{folder_id}): give each output folder its own database (or schema), or, if this folder's "
+                f"ledger really moved here, copy {FOLDER_ID_NAME} from the folder it was first used with")
+
+    def _transaction(self):
+        return self._db.transaction()
 
     def close(self) -> None:
-        with self._mutex:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -257,16 +316,17 @@ class Ledger:
                        "SELECT 1 FROM rows WHERE rows.relative_path = q.p AND rows.file_sha256 = q.s "
                        "AND rows.bundle_sha256 = ? AND rows.model = ? AND rows.done = 1)")
                 params = [v for pair in chunk for v in (str(pair[0]), str(pair[1]))] + [bundle_sha256, model]
-                found.update(self._conn.execute(sql, params))
+                found.update(tuple(r) for r in self._db.execute(sql, params))
         return found
 
-    def record(self, run_id: str, rows: Sequence[dict[str, Any]]) -> int:
+    def record(self, run_id: str, rows: Sequence[dict[str, Any]], *, shard: str | None = None) -> int:
         """Insert a batch of result rows in ONE transaction; return how many were inserted.
 
         A row whose key (KEY_COLUMNS: path, content, bundle, model) is already done is ignored (also a
         duplicate within the batch), and so is an ``error`` row for a key that is already done. A
         kill -9 before the commit loses the whole batch, never part of it. ``run_id`` is stored with
-        each row (it overrides a ``run_id`` key).
+        each row (it overrides a ``run_id`` key). With ``shard``, the same transaction ends the
+        claims on these keys and renews the shard's other claims.
         """
         if not rows:
             return 0
@@ -278,8 +338,14 @@ class Ledger:
             "recorded_utc": recorded, "keyset": 0,
             "row_json": json.dumps({**row, "run_id": run_id}, separators=(",", ":"), default=_json_default),
         } for row in map(self._validate, rows)]
-        with self._transaction() as conn:
-            inserted = conn.executemany(_INSERT_ROW, params).rowcount
+        with self._transaction():
+            inserted = self._db.executemany(_INSERT_ROW, params)
+            if shard is not None:
+                self._db.executemany("DELETE FROM claims WHERE relative_path = ? AND file_sha256 = ? "
+                                     "AND bundle_sha256 = ? AND model = ? AND run_id = ?",
+                                     [(p["relative_path"], p["file_sha256"], p["bundle_sha256"], p["model"], run_id)
+                                      for p in params])
+                self._renew(run_id, shard)
         if inserted < len(rows):
             log.info("ledger: run %s recorded %d rows, ignored %d already done", run_id, inserted,
                      len(rows) - inserted)
@@ -304,12 +370,56 @@ class Ledger:
         # fail every publish of the CSV after it: escape it here, whoever built the row.
         return {k: utf8_text(v) if isinstance(v, str) else v for k, v in row.items()}
 
+    # -- claims: how runs and workers share a night
+    def claim(self, run_id: str, shard: str, keys: Iterable[tuple[str, str, str, str]],
+              lease: float = CLAIM_SECONDS) -> set[tuple[str, str, str, str]]:
+        """Claim (relative_path, file_sha256, bundle_sha256, model) keys for ``shard`` of run ``run_id``;
+        return those it now holds. A key held by another run whose lease has not lapsed is left to
+        it; a key this run already holds (a shard redone after its worker died) is taken over."""
+        keys = list(dict.fromkeys(tuple(map(str, k)) for k in keys))
+        if not keys:
+            return set()
+        with self._transaction():
+            self._db.executemany(_CLAIM.format(now=self._db.now_epoch),
+                                 [(*k, run_id, shard, float(lease)) for k in keys])
+            held = {tuple(r) for r in self._db.execute(
+                "SELECT relative_path, file_sha256, bundle_sha256, model FROM claims WHERE run_id = ? AND shard = ?",
+                (run_id, shard))}
+        return {k for k in keys if k in held}
+
+    def _renew(self, run_id: str, shard: str, lease: float = CLAIM_SECONDS) -> None:
+        self._db.execute(f"UPDATE claims SET expires = {self._db.now_epoch} + ? WHERE run_id = ? AND shard = ?",
+                         (float(lease), run_id, shard))
+
+    def release(self, run_id: str, shard: str) -> int:
+        """End every claim the shard still holds (keys it skipped: a file that changed while read)."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM claims WHERE run_id = ? AND shard = ?", (run_id, shard)).rowcount
+
+    def claims(self) -> list[dict[str, Any]]:
+        """Every live claim, for logs and tests."""
+        rows = self._db.execute(f"SELECT relative_path, file_sha256, bundle_sha256, model, run_id, shard, "
+                                f"expires - {self._db.now_epoch} FROM claims ORDER BY relative_path").fetchall()
+        names = ("relative_path", "file_sha256", "bundle_sha256", "model", "run_id", "shard", "seconds_left")
+        return [dict(zip(names, r)) for r in rows]
+
+    # -- nights: the model versions each run pinned
+    def start_night(self, run_id: str, pins: list[dict[str, Any]]) -> None:
+        """Note the model versions (name, version, sha256 of the graph) run ``run_id`` scores with."""
+        with self._transaction():
+            self._db.execute("INSERT INTO nights (run_id, started_utc, host, pins) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (run_id) DO NOTHING",
+                             (run_id, utc_now(), socket.gethostname(), json.dumps(pins, sort_keys=True)))
+
+    def night_pins(self, run_id: str) -> list[dict[str, Any]] | None:
+        found = self._db.execute("SELECT pins FROM nights WHERE run_id = ?", (run_id,)).fetchone()
+        return json.loads(found[0]) if found else None
+
     # -- the hash cache (discovery.HashCache)
     def lookup(self, relative_path: str, stat_key: tuple[int, ...]) -> dict[str, Any] | None:
         """What was learnt about the file at ``relative_path`` when it had this stat key, or None."""
-        with self._mutex:
-            found = self._conn.execute("SELECT stat_key, facts FROM file_hashes WHERE relative_path = ?",
-                                       (relative_path,)).fetchone()
+        found = self._db.execute("SELECT stat_key, facts FROM file_hashes WHERE relative_path = ?",
+                                 (relative_path,)).fetchone()
         if found is None or json.loads(found[0]) != list(stat_key):
             return None
         return json.loads(found[1])
@@ -318,74 +428,87 @@ class Ledger:
         """Store what discovery learnt, in one transaction (a kill before it only costs re-hashing)."""
         now = utc_now()
         params = [(rel, json.dumps(list(key)), json.dumps(facts, sort_keys=True), now) for rel, key, facts in entries]
-        with self._transaction() as conn:
-            conn.executemany("INSERT INTO file_hashes (relative_path, stat_key, facts, seen_utc) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (relative_path) DO UPDATE SET stat_key = excluded.stat_key, "
-                             "facts = excluded.facts, seen_utc = excluded.seen_utc", params)
+        if not params:
+            return
+        with self._transaction():
+            self._db.executemany("INSERT INTO file_hashes (relative_path, stat_key, facts, seen_utc) "
+                                 "VALUES (?, ?, ?, ?) ON CONFLICT (relative_path) DO UPDATE SET "
+                                 "stat_key = excluded.stat_key, facts = excluded.facts, seen_utc = excluded.seen_utc",
+                                 params)
 
     # -- reports
-    def publish(self, run_id: str, stamp: str) -> Path:
+    def publish(self, run_id: str, stamp: str, lock_timeout: float = 6 * 3600.0) -> Path:
         """Publish every unreported row as the night CSV ``scores-<stamp>.csv`` (``-2``, ``-3``... if
         taken) and return its path; header-only when nothing is new. First rewrites any report a
         crashed run claimed but did not finish.
 
-        Must run under :func:`scoring_lock`: it first deletes CSV temp files left by interrupted
-        writers (an hour old, or whose writer pid is gone), which is only safe when no other run
-        can be writing one."""
+        With SQLite it must run under :func:`scoring_lock`; a PostgreSQL ledger takes its own
+        publication lock (waiting up to ``lock_timeout``). Under it, leftover CSV temp files of dead
+        writers are deleted first (see ``_remove_stale_temps``)."""
         if not _STAMP_RE.match(stamp) or stamp.startswith("cumulative"):
             raise ValueError(f"report stamp {stamp!r} must be letters, digits, '.', '_' or '-' "
                              "and must not start with 'cumulative'")
-        with self._mutex:
+        with self._mutex, self._db.publication_lock(lock_timeout):
             self._remove_stale_temps()
-            self.recover()
+            self._recover()
             name = self._claim(run_id, stamp)
             return self._write_and_mark(name)
+
+    @contextmanager
+    def publication(self, lock_timeout: float = 6 * 3600.0) -> Iterator[None]:
+        """Hold the publication lock (PostgreSQL) for a sequence of CSV writes."""
+        with self._mutex, self._db.publication_lock(lock_timeout):
+            yield
 
     def recover(self) -> list[Path]:
         """Rewrite from the ledger every report that was claimed but not marked published (a run
         died between claim and publish) and mark it published. ``publish`` calls this first."""
-        with self._mutex:
-            pending = self._conn.execute(
-                "SELECT name, run_id, claimed_utc FROM reports WHERE published_utc IS NULL ORDER BY seq").fetchall()
-            paths = []
-            for name, run_id, claimed in pending:
-                log.warning("ledger: run %s claimed %s at %s but did not finish publishing it; rewriting it "
-                            "from the ledger", run_id, name, claimed)
-                paths.append(self._write_and_mark(name))
-            return paths
+        with self.publication():
+            return self._recover()
+
+    def _recover(self) -> list[Path]:
+        pending = self._db.execute(
+            "SELECT name, run_id, claimed_utc FROM reports WHERE published_utc IS NULL ORDER BY seq").fetchall()
+        paths = []
+        for name, run_id, claimed in pending:
+            log.warning("ledger: run %s claimed %s at %s but did not finish publishing it; rewriting it "
+                        "from the ledger", run_id, name, claimed)
+            paths.append(self._write_and_mark(name))
+        return paths
 
     def _claim(self, run_id: str, stamp: str) -> str:
         """In one transaction: supersede stale unreported error rows, pick a free report name, claim
         every unreported row for it and fix its header."""
-        with self._transaction() as conn:
-            conn.execute(
+        with self._transaction():
+            self._db.execute(
                 "UPDATE rows SET superseded = 1 WHERE report IS NULL AND superseded = 0 AND done = 0 "
                 "AND EXISTS (SELECT 1 FROM rows AS later WHERE later.relative_path = rows.relative_path "
                 "AND later.bundle_sha256 = rows.bundle_sha256 AND later.model = rows.model "
                 f"AND {_SAME_CONTENT.format(row='rows')} AND later.id > rows.id)")
             for n in itertools.count(1):
                 name = f"scores-{stamp}.csv" if n == 1 else f"scores-{stamp}-{n}.csv"
-                taken = conn.execute("SELECT 1 FROM reports WHERE name = ?", (name,)).fetchone()
+                taken = self._db.execute("SELECT 1 FROM reports WHERE name = ?", (name,)).fetchone()
                 if not taken and not (self.output_dir / name).exists():
                     break
-            claimed = conn.execute("UPDATE rows SET report = ? WHERE report IS NULL AND superseded = 0",
-                                   (name,)).rowcount
-            header = list(COLUMNS)
-            conn.execute("INSERT INTO reports (name, run_id, claimed_utc, n_rows, header) VALUES (?, ?, ?, ?, ?)",
-                         (name, run_id, utc_now(), claimed, json.dumps(header)))
+            # The report first: rows.report references it (PostgreSQL enforces that at once).
+            self._db.execute("INSERT INTO reports (name, run_id, claimed_utc, n_rows, header) VALUES (?, ?, ?, 0, ?)",
+                             (name, run_id, utc_now(), json.dumps(list(COLUMNS))))
+            claimed = self._db.execute("UPDATE rows SET report = ? WHERE report IS NULL AND superseded = 0",
+                                       (name,)).rowcount
+            self._db.execute("UPDATE reports SET n_rows = ? WHERE name = ?", (claimed, name))
         log.info("ledger: run %s claimed %d rows for %s", run_id, claimed, name)
         return name
 
     def _write_and_mark(self, name: str) -> Path:
-        (header_json,) = self._conn.execute("SELECT header FROM reports WHERE name = ?", (name,)).fetchone()
+        (header_json,) = self._db.execute("SELECT header FROM reports WHERE name = ?", (name,)).fetchone()
         path = self.output_dir / name
-        rows = self._conn.execute("SELECT run_id, row_json FROM rows WHERE report = ? ORDER BY id", (name,))
+        rows = self._db.stream("SELECT run_id, row_json FROM rows WHERE report = ? ORDER BY id", (name,))
         write_csv(path, json.loads(header_json), rows)
-        with self._transaction() as conn:
-            conn.execute("UPDATE reports SET published_utc = ? WHERE name = ?", (utc_now(), name))
+        with self._transaction():
+            self._db.execute("UPDATE reports SET published_utc = ? WHERE name = ?", (utc_now(), name))
         return path
 
-    def write_cumulative(self) -> Path:
+    def write_cumulative(self, lock_timeout: float = 6 * 3600.0) -> Path:
         """Rewrite ``scores-cumulative.csv`` atomically: one current row for every scan and model. A
         scan is its path and, for a DICOM series, its series hash (two series in one folder share
         the path). Its current content is that of its newest published row with a content hash (an
@@ -395,16 +518,19 @@ class Ledger:
         and an older model version's row are replaced, while a refused new model version cannot
         hide the last good result. The night CSVs and the ledger keep the history. Streamed: memory
         does not grow with the rows."""
-        with self._mutex:
-            rows = self._conn.execute(_CURRENT_ROWS)
+        with self.publication(lock_timeout):
+            rows = self._db.stream(_CURRENT_ROWS.format(series=self._db.json_field("r.row_json", "series_uid_hash")))
             return write_csv(self.output_dir / CUMULATIVE_NAME, list(COLUMNS), rows)
 
     def _remove_stale_temps(self) -> None:
         """Remove CSV temp files left by interrupted writers: those untouched for STALE_TEMP_SECONDS,
-        or whose writer pid is gone. The pid alone cannot tell: where PIDs restart (containers), a
-        dead writer's pid may belong to a live process, even this one. Callers hold the scoring
-        lock, so no other run is writing a report; our own writes are serialised by ``_mutex``."""
+        or written on this host by a pid that is gone. The pid alone cannot tell: where PIDs restart
+        (containers), a dead writer's pid may belong to a live process, even this one; and a pid of
+        another host says nothing here, so another host's temp file is judged by its age alone.
+        Callers hold the publication lock, so no other run is writing a report; our own writes are
+        serialised by ``_mutex``."""
         now = time.time()
+        here = host_tag()
         for tmp in self.output_dir.glob(".scores-*.tmp"):
             match = _TEMP_RE.match(tmp.name)
             if not match:
@@ -413,8 +539,9 @@ class Ledger:
                 age = now - tmp.stat().st_mtime
             except OSError:  # already gone
                 continue
-            pid = int(match.group(1))
-            if age > STALE_TEMP_SECONDS or (pid != os.getpid() and not pid_alive(pid)):
+            pid, host = int(match.group(1)), match.group(2) or here
+            dead_here = host == here and pid != os.getpid() and not pid_alive(pid)
+            if age > STALE_TEMP_SECONDS or dead_here:
                 log.info("ledger: removing %s left by an interrupted write (%.0f s old)", tmp, age)
                 tmp.unlink(missing_ok=True)
 
@@ -422,8 +549,8 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         """Row counts by state, for logs: ok / rejected / error / unreported / superseded."""
         with self._mutex:
-            out = dict(self._conn.execute("SELECT status, count(*) FROM rows GROUP BY status"))
-            out["unreported"] = self._conn.execute(
+            out = {s: int(n) for s, n in self._db.execute("SELECT status, count(*) FROM rows GROUP BY status")}
+            out["unreported"] = self._db.execute(
                 "SELECT count(*) FROM rows WHERE report IS NULL AND superseded = 0").fetchone()[0]
-            out["superseded"] = self._conn.execute("SELECT count(*) FROM rows WHERE superseded = 1").fetchone()[0]
+            out["superseded"] = self._db.execute("SELECT count(*) FROM rows WHERE superseded = 1").fetchone()[0]
         return out

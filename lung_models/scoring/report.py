@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-import sqlite3
+from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from lung_models.fileutil import atomic_writer, csv_cell
 from lung_models.scoring.rows import upgrade
 
 
-def write_csv(path: Path, header: list[str], rows: sqlite3.Cursor) -> Path:
+def write_csv(path: Path, header: list[str], rows: Iterable[tuple[str, str]]) -> Path:
     """Write ``(run_id, row_json)`` pairs from ``rows`` as a CSV with ``header`` (temp file, fsync,
     rename); rows stored by an older ledger are brought to today's columns first."""
     with closing(rows), atomic_writer(path) as handle:  # closing: never leave a read open

@@ -62,8 +62,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    with Ledger(tmp_path / "out") as led:
+def ledger(tmp_path, ledger_url):
+    """Every ledger test runs on both backends: SQLite in the output folder and a PostgreSQL database."""
+    with Ledger(tmp_path / "out", url=ledger_url) as led:
         yield led
 
 
@@ -178,13 +179,13 @@ def test_two_models_with_identical_onnx_files_are_done_separately(ledger):
 def test_schema_1_ledger_is_migrated_to_the_model_aware_done_key(tmp_path):
     out = tmp_path / "out"
     with Ledger(out) as led:  # make it look like a ledger written by schema 1 (done key without the model)
-        led._conn.executescript(
+        led._db._conn.executescript(
             "DROP INDEX rows_done_key; DROP INDEX rows_attempt; "
             "CREATE UNIQUE INDEX rows_done_key ON rows(relative_path, file_sha256, bundle_sha256) WHERE done = 1; "
             "CREATE INDEX rows_attempt ON rows(relative_path, bundle_sha256, model); PRAGMA user_version = 1;")
         led.record("run1", [row("a.png", model="m1")])
     with Ledger(out) as led:
-        assert led._conn.execute("PRAGMA user_version").fetchone()[0] == ledger_mod._SCHEMA_VERSION
+        assert led._db.execute("PRAGMA user_version").fetchone()[0] == ledger_mod._SCHEMA_VERSION
         assert led.record("run2", [row("a.png", model="m2"), row("a.png", model="m1")]) == 1
         assert led.done("m2", "b1", [("a.png", "sha-a.png")]) == {("a.png", "sha-a.png")}
 
@@ -203,26 +204,18 @@ def test_record_rejects_malformed_rows(ledger):
 def test_record_batch_is_one_transaction(ledger):
     """A failure after part of a batch is inserted (as a kill -9 would be) leaves none of it."""
 
-    class FailingConnection:  # inserts 5 rows of the batch, then fails inside the transaction
-        def __init__(self, real):
-            self.real = real
+    real = ledger._db.executemany
 
-        def __getattr__(self, name):
-            return getattr(self.real, name)
+    def five_then_fail(sql, params):  # inserts 5 rows of the batch, then fails inside the transaction
+        for k, p in enumerate(params):
+            if k == 5:
+                raise KeyboardInterrupt("killed")
+            real(sql, [p])
 
-        def executemany(self, sql, params):
-            def five_then_fail():
-                for k, p in enumerate(params):
-                    if k == 5:
-                        raise KeyboardInterrupt("killed")
-                    yield p
-            return self.real.executemany(sql, five_then_fail())
-
-    real = ledger._conn
-    ledger._conn = FailingConnection(real)
+    ledger._db.executemany = five_then_fail
     with pytest.raises(KeyboardInterrupt):
         ledger.record("run1", [row(f"a{i}.png") for i in range(10)])
-    ledger._conn = real
+    ledger._db.executemany = real
     assert ledger.counts().get("ok", 0) == 0
     assert ledger.record("run2", [row(f"a{i}.png") for i in range(10)]) == 10
 
@@ -337,7 +330,7 @@ def test_text_cells_that_a_spreadsheet_would_run_are_neutralised(ledger):
         for cell in (c for r in got.values() for c in r.values()):
             assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
         assert {k[1:] if k.startswith("'") else k for k in got} == set(names)
-    stored = {json.loads(j)["relative_path"] for (j,) in ledger._conn.execute("SELECT row_json FROM rows")}
+    stored = {json.loads(j)["relative_path"] for (j,) in ledger._db.execute("SELECT row_json FROM rows")}
     assert stored == set(names)
 
 
@@ -355,14 +348,14 @@ def test_publish_rejects_unsafe_stamps(ledger):
 
 
 # ----------------------------------------------------------------------------------- crash recovery
-def test_crash_between_claim_and_csv_is_recovered(tmp_path):
+def test_crash_between_claim_and_csv_is_recovered(tmp_path, ledger_url):
     out = tmp_path / "out"
-    with Ledger(out) as first:
+    with Ledger(out, url=ledger_url) as first:
         first.record("run1", [row(f"a{i}.png") for i in range(4)])
         name = first._claim("run1", "n1")  # ... and the process dies before writing the CSV
     assert not (out / name).exists()
 
-    with Ledger(out) as second:  # the rerun: scores what is not done, then publishes
+    with Ledger(out, url=ledger_url) as second:  # the rerun: scores what is not done, then publishes
         items = [(f"a{i}.png", f"sha-a{i}.png") for i in range(6)]
         todo = [it for it in items if it not in second.done("hist", "b1", items)]
         assert todo == items[4:]
@@ -377,27 +370,30 @@ def test_crash_between_claim_and_csv_is_recovered(tmp_path):
     assert Counter(r["relative_path"] for r in read_csv(out / CUMULATIVE_NAME)) == union
 
 
-def test_crash_after_csv_before_mark_is_rewritten(tmp_path):
+def test_crash_after_csv_before_mark_is_rewritten(tmp_path, ledger_url):
     out = tmp_path / "out"
-    with Ledger(out) as first:
+    with Ledger(out, url=ledger_url) as first:
         first.record("run1", [row("a.png"), row("b.png")])
         name = first._claim("run1", "n1")
         (out / name).write_text("relative_path\nstale\n")  # whatever is there is replaced
-    with Ledger(out) as second:
+    with Ledger(out, url=ledger_url) as second:
         night = second.publish("run2", "n2")
     assert [r["relative_path"] for r in read_csv(out / name)] == ["a.png", "b.png"]
     assert read_csv(night) == []
 
 
-def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
-    """A real kill -9 in the middle of a run (between batches), then a full rerun."""
+def test_killed_process_then_rerun_scores_each_file_once(tmp_path, ledger_url):
+    """A real kill -9 in the middle of a run (between batches), then a full rerun. With PostgreSQL
+    there is no output folder lock: the database alone keeps the rows exactly once."""
     out = tmp_path / "out"
     script = textwrap.dedent("""
         import sys, time
+        from contextlib import nullcontext
         from lung_models.scoring import Ledger, scoring_lock
-        out, run = sys.argv[1], sys.argv[2]
+        out, run, url = sys.argv[1], sys.argv[2], (sys.argv[4] or None)
         items = [(f"f{i:03d}.png", f"sha{i}") for i in range(60)]
-        with scoring_lock(out, timeout=30, poll=0.05), Ledger(out) as led:
+        lock = scoring_lock(out, timeout=30, poll=0.05) if url is None else nullcontext()
+        with lock, Ledger(out, url=url) as led:
             done = led.done("m", "b1", items)
             todo = [it for it in items if it not in done]
             for start in range(0, len(todo), 10):
@@ -410,7 +406,8 @@ def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
             led.write_cumulative()
         print("finished", len(todo), flush=True)
     """)
-    victim = subprocess.Popen([sys.executable, "-c", script, str(out), "run1", "0.3"], stdout=subprocess.PIPE,
+    victim = subprocess.Popen([sys.executable, "-c", script, str(out), "run1", "0.3", ledger_url or ""],
+                              stdout=subprocess.PIPE,
                               text=True, env=subprocess_env())
     try:
         for _ in range(2):
@@ -419,7 +416,7 @@ def test_killed_process_then_rerun_scores_each_file_once(tmp_path):
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
         victim.stdout.close()
-    done = subprocess.run([sys.executable, "-c", script, str(out), "run2", "0"],
+    done = subprocess.run([sys.executable, "-c", script, str(out), "run2", "0", ledger_url or ""],
                           capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert done.returncode == 0, done.stderr
     scored_again = int(done.stdout.split()[-1])
@@ -506,10 +503,10 @@ def test_publish_removes_old_temp_files_even_if_their_pid_is_reused(ledger):
 
 
 # ------------------------------------------------------------------------------------------ scale
-def test_100k_rows_stream_through(tmp_path):
+def test_100k_rows_stream_through(tmp_path, ledger_url):
     out = tmp_path / "out"
     n, batch = 100_000, 1000
-    with Ledger(out) as led:
+    with Ledger(out, url=ledger_url) as led:
         for start in range(0, n, batch):
             rows = [{"relative_path": f"d{i // 1000}/f{i}.png", "file_sha256": f"{i:064x}", "model": "m",
                      "model_version": "1", "bundle_sha256": "b1", "status": "ok", "predicted_class": "x",
@@ -626,3 +623,76 @@ def test_two_concurrent_runs_neither_lose_nor_duplicate(tmp_path, use_lock):
         with Ledger(out) as led:
             led.write_cumulative()
     assert Counter(r["relative_path"] for r in read_csv(out / CUMULATIVE_NAME)) == union
+
+
+SHARING_RUN = textwrap.dedent("""
+    import sys, time
+    from lung_models.scoring import Ledger
+    out, run, url = sys.argv[1], sys.argv[2], (sys.argv[3] or None)
+    items = [(f"scan_{i:03d}.png", f"sha{i}") for i in range(200)]
+    scored = 0
+    with Ledger(out, url=url) as led:
+        for start in range(0, len(items), 20):  # one shard of 20 items at a time, as a worker takes them
+            shard = f"{run}-{start}"
+            chunk = [it for it in items[start:start + 20] if it not in led.done("m", "b1", items[start:start + 20])]
+            held = led.claim(run, shard, [(p, s, "b1", "m") for p, s in chunk])
+            mine = [(p, s) for p, s in chunk if (p, s, "b1", "m") in held]
+            time.sleep(0.05 * len(mine) / 20)  # scoring takes time: the other run gets its turn
+            led.record(run, [{"relative_path": p, "file_sha256": s, "model": "m", "model_version": "1",
+                              "bundle_sha256": "b1", "status": "ok", "prob_x": 0.5} for p, s in mine], shard=shard)
+            led.release(run, shard)
+            scored += len(mine)
+        led.publish(run, "20260102")
+    print(scored)
+""")
+
+
+def test_two_runs_share_a_night_through_claims(tmp_path, ledger_url):
+    """Two runs at once, no output folder lock: each scores the keys it claimed, none twice, and
+    together they score everything once; their two night CSVs hold every row exactly once."""
+    out = tmp_path / "out"
+    Ledger(out, url=ledger_url).close()  # schema in place before both start (they would race to create it)
+    procs = [subprocess.Popen([sys.executable, "-c", SHARING_RUN, str(out), f"run{k}", ledger_url or ""],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for k in (1, 2)]
+    results = [p.communicate(timeout=180) for p in procs]
+    for proc, (_, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr
+    scored = [int(stdout) for stdout, _ in results]
+    assert sum(scored) == 200, f"claims should split the work, not repeat it: {scored}"
+    assert min(scored) > 0, f"both runs should have done part of the night: {scored}"
+    union = Counter(r["relative_path"] for p in night_csvs(out) for r in read_csv(p))
+    assert len(union) == 200 and set(union.values()) == {1}
+    with Ledger(out, url=ledger_url) as led:
+        assert led.claims() == []  # every claim ended with its rows
+
+
+def test_a_dead_runs_claims_lapse_and_its_own_redone_shard_takes_them_over(ledger):
+    keys = [(f"a{i}.png", f"sha{i}", "b1", "m") for i in range(4)]
+    assert ledger.claim("run1", "s1", keys) == set(keys)
+    assert ledger.claim("run2", "s9", keys) == set()  # held by a live run
+    assert ledger.claim("run1", "s1-again", keys[:2]) == set(keys[:2])  # the same run redoing its shard
+    assert ledger.claim("run2", "s9", keys, lease=60) == set()
+    ledger._db.execute("UPDATE claims SET expires = expires - 10000")  # run1 died long ago
+    assert ledger.claim("run2", "s9", keys) == set(keys)
+    ledger.record("run2", [row(p, s, bundle=b, model=m) for p, s, b, m in keys[:3]], shard="s9")
+    assert [c["relative_path"] for c in ledger.claims()] == ["a3.png"]
+    assert ledger.release("run2", "s9") == 1 and ledger.claims() == []
+
+
+def test_a_postgres_ledger_belongs_to_one_output_folder(tmp_path, postgres_url):
+    with Ledger(tmp_path / "ward7", url=postgres_url):
+        pass
+    with Ledger(tmp_path / "ward7", url=postgres_url):  # the same folder again: fine
+        pass
+    from lung_models.scoring.database import LedgerUnavailable
+    with pytest.raises(LedgerUnavailable, match="belongs to another output folder"):
+        Ledger(tmp_path / "ward8", url=postgres_url)
+
+
+def test_an_unreachable_postgres_ledger_says_where_and_what_to_check(tmp_path):
+    from lung_models.scoring.database import LedgerUnavailable
+    with pytest.raises(LedgerUnavailable) as raised:
+        Ledger(tmp_path / "out", url="postgresql://scorer:s3cret@127.0.0.1:9/ledger?connect_timeout=2")
+    message = str(raised.value)
+    assert "127.0.0.1:9/ledger" in message and "s3cret" not in message and "check that the server runs" in message
