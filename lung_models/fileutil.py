@@ -103,7 +103,8 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False, encoding: str =
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{host_tag()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{host_tag()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding, newline=newline)) as handle:
