@@ -98,8 +98,8 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False, encoding: str =
 
     Readers see the old file (or none) or the whole new one, never a partial file. The temp name
     carries the writer's pid and host (``.<name>.<pid>@<host>.<random>.tmp``) so a later run can
-    tell a killed writer's leftover from a live one, and another host's from its own. Unlike a bare ``mkstemp`` file (mode 0600), the result gets
-    the usual 0666 & ~umask, so ops staff can read reports.
+    tell a killed writer's leftover from a live one, and another host's from its own. Unlike a bare
+    ``mkstemp`` file (mode 0600), the result gets the usual 0666 & ~umask, so ops staff can read reports.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
