@@ -80,19 +80,29 @@ def score(input_dir: str, output_dir: str,
                                                "long ago (still arriving) for a later run"),
           lock_timeout_seconds: float = typer.Option(DEFAULT_LOCK_TIMEOUT, help="wait this long for another run "
                                                      "on the same output folder to finish"),
-          workers: int | None = typer.Option(None, min=1, help="decoding threads feeding inference "
-                                             "(default: half the cores)"),
+          workers: int = typer.Option(1, min=1, help="score on a local Dask cluster of this many worker "
+                                      "processes (1: in this process, no Dask)"),
+          dask_address: str | None = typer.Option(None, help="score on an existing Dask cluster, "
+                                                  "tcp://HOST:PORT of its scheduler (see README: a cluster)"),
+          ledger: str | None = typer.Option(None, help="the ledger: the SQLite file in OUTPUT_DIR (default, one "
+                                            "host) or postgresql://USER@HOST:PORT/DB, shared by runs and hosts"),
+          decode_threads: int | None = typer.Option(None, min=1, help="decoding threads per worker feeding "
+                                                    "inference (default: half its cores)"),
           precision: str = typer.Option("fp32", help="fp32 | int8 | auto (int8 where its export gate passed)"),
           ) -> None:
     """Run the score flow on a folder: score what is new, print this run's CSV path."""
     from flows.score import score_folder
+    from lung_models.scoring.database import is_postgres_url
 
     _check_models(models)
     if precision not in ("fp32", "int8", "auto"):
         raise typer.BadParameter("use fp32, int8 or auto", param_hint="--precision")
+    if ledger and ledger != "sqlite" and not is_postgres_url(ledger):
+        raise typer.BadParameter("use sqlite or a postgresql://user@host:port/database URL", param_hint="--ledger")
     typer.echo(score_folder(input_dir=input_dir, output_dir=output_dir, models=models, exports_dir=exports_dir,
                             batch_size=batch_size, settle_seconds=settle_seconds,
-                            lock_timeout_seconds=lock_timeout_seconds, workers=workers, precision=precision))
+                            lock_timeout_seconds=lock_timeout_seconds, workers=workers, dask_address=dask_address,
+                            ledger=ledger, decode_threads=decode_threads, precision=precision))
 
 
 def summary_rows(name: str, card: dict) -> list[str]:

@@ -336,8 +336,9 @@ def child(args: argparse.Namespace) -> None:
     else:
         from lung_models.scoring.night import run_night as run
     imported = time.perf_counter()
-    kw = {"settle_seconds": 0} if args.child == "flow" else {}
-    csv = run(args.input, args.output, models=[args.model], exports_dir=args.exports, workers=args.workers, **kw)
+    # The flow's decoding threads are decode_threads (its workers are Dask processes); run_night's are workers.
+    kw = {"settle_seconds": 0, "decode_threads": args.workers} if args.child == "flow" else {"workers": args.workers}
+    csv = run(args.input, args.output, models=[args.model], exports_dir=args.exports, **kw)
     seconds = time.perf_counter() - imported
     rows = len(pd.read_csv(csv))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -54,6 +54,11 @@ class SQLiteDatabase:
     kind = "sqlite"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     now_epoch = "((julianday('now') - 2440587.5) * 86400.0)"
+    holder = "''"  # one host: a claim's holder is judged by its lease and the output folder's lock
+
+    @staticmethod
+    def holder_alive(column: str) -> str:
+        return "1"
 
     def __init__(self, path: Path, busy_timeout: float = 120.0):
         self.path = path
@@ -143,10 +148,22 @@ class SQLiteDatabase:
             self._conn.close()
 
 
+# A server connection, named so that a reused backend pid is not mistaken for it: pid@start time.
+_BACKEND = "{a}.pid::text || '@' || extract(epoch from {a}.backend_start)::text"
+
+
 class PostgresDatabase:
     kind = "postgresql"
     serial = "BIGSERIAL PRIMARY KEY"
     now_epoch = "extract(epoch from clock_timestamp())::double precision"
+    holder = f"(SELECT {_BACKEND.format(a='a')} FROM pg_stat_activity AS a WHERE a.pid = pg_backend_pid())"
+
+    @staticmethod
+    def holder_alive(column: str) -> str:
+        """Whether the connection that took a claim is still open. The server ends the connection of a
+        killed process (its socket closes), so its claims are free at once. Direct connections only: a
+        pooler in transaction mode would hand one server connection to many clients."""
+        return f"EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE {_BACKEND.format(a='a')} = {column})"
 
     def __init__(self, url: str, connect_timeout: float = 30.0):
         try:

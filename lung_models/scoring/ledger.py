@@ -45,8 +45,11 @@ under its stat key, so an unchanged file is not read again the next night (see `
 Work is shared by claims: before scoring, a worker claims the (path, content, bundle, model) keys it
 will score (``Ledger.claim``); a key another live run holds is left to it, so two runs on one night
 split it instead of waiting for each other or scoring everything twice. A claim is a lease, renewed
-as its holder commits rows and ended when they are recorded; a killed holder's claims lapse after
-``CLAIM_SECONDS`` and the next run takes those keys. Claims only share work: exactly-once rests on
+as its holder commits rows and ended when they are recorded. A killed holder's claims end at once
+where that can be known: with PostgreSQL a claim names the database connection that took it, and
+the server ends that connection when its process dies; with SQLite a run that holds the output
+folder's lock ends every other run's claims (``start_night(exclusive=True)``). Otherwise (a
+holder hung but connected) they lapse after ``CLAIM_SECONDS``. Claims only share work: exactly-once rests on
 the unique done key, so a lapsed claim whose holder still writes costs time, never a duplicate.
 
 Publication is serialised: with SQLite by :func:`lock.scoring_lock` (an ``flock`` on
@@ -146,6 +149,7 @@ CREATE TABLE IF NOT EXISTS claims (
     model TEXT NOT NULL,
     run_id TEXT NOT NULL,
     shard TEXT NOT NULL,                 -- the claiming shard, so it can renew and release its own
+    holder TEXT NOT NULL DEFAULT '',     -- PostgreSQL: the claiming connection (its end frees the claim)
     expires REAL NOT NULL,               -- the database's clock (epoch seconds): hosts' clocks may differ
     PRIMARY KEY (relative_path, file_sha256, bundle_sha256, model)
 );
@@ -187,11 +191,11 @@ WHERE n = 1 ORDER BY id
 """
 
 _CLAIM = """
-INSERT INTO claims (relative_path, file_sha256, bundle_sha256, model, run_id, shard, expires)
-VALUES (?, ?, ?, ?, ?, ?, {now} + ?)
+INSERT INTO claims (relative_path, file_sha256, bundle_sha256, model, run_id, shard, holder, expires)
+VALUES (?, ?, ?, ?, ?, ?, {holder}, {now} + ?)
 ON CONFLICT (relative_path, file_sha256, bundle_sha256, model) DO UPDATE
-    SET run_id = excluded.run_id, shard = excluded.shard, expires = excluded.expires
-    WHERE claims.run_id = excluded.run_id OR claims.expires < {now}
+    SET run_id = excluded.run_id, shard = excluded.shard, holder = excluded.holder, expires = excluded.expires
+    WHERE claims.run_id = excluded.run_id OR claims.expires < {now} OR NOT {alive}
 """
 
 _INSERT_ROW = """
@@ -238,6 +242,13 @@ class Ledger:
         except BaseException:
             self._db.close()
             raise
+
+    @staticmethod
+    def describe(output_dir: str | os.PathLike, url: str | None = None) -> str:
+        """Where a ledger lives, for reports and logs (never a password)."""
+        if database.is_postgres_url(url):
+            return f"PostgreSQL {database.redact(url)}"
+        return f"SQLite {Path(output_dir) / LEDGER_NAME}"
 
     @property
     def shared(self) -> bool:
@@ -374,14 +385,23 @@ class Ledger:
     def claim(self, run_id: str, shard: str, keys: Iterable[tuple[str, str, str, str]],
               lease: float = CLAIM_SECONDS) -> set[tuple[str, str, str, str]]:
         """Claim (relative_path, file_sha256, bundle_sha256, model) keys for ``shard`` of run ``run_id``;
-        return those it now holds. A key held by another run whose lease has not lapsed is left to
-        it; a key this run already holds (a shard redone after its worker died) is taken over."""
+        return those it now holds and that are not done. A key held by another live run is left to
+        it; a key this run already holds (a shard redone after its worker died) is taken over.
+
+        The done check comes after the claim, in the same transaction: another run may record a key
+        and end its claim between a caller's ``done`` query and this call, and the claim must not
+        then hand the key out again (the row would be ignored, but the scan scored twice)."""
         keys = list(dict.fromkeys(tuple(map(str, k)) for k in keys))
         if not keys:
             return set()
         with self._transaction():
-            self._db.executemany(_CLAIM.format(now=self._db.now_epoch),
+            self._db.executemany(_CLAIM.format(now=self._db.now_epoch, holder=self._db.holder,
+                                               alive=self._db.holder_alive("claims.holder")),
                                  [(*k, run_id, shard, float(lease)) for k in keys])
+            self._db.execute("DELETE FROM claims WHERE run_id = ? AND shard = ? AND EXISTS (SELECT 1 FROM rows "
+                             "WHERE rows.relative_path = claims.relative_path AND rows.file_sha256 = "
+                             "claims.file_sha256 AND rows.bundle_sha256 = claims.bundle_sha256 AND rows.model = "
+                             "claims.model AND rows.done = 1)", (run_id, shard))
             held = {tuple(r) for r in self._db.execute(
                 "SELECT relative_path, file_sha256, bundle_sha256, model FROM claims WHERE run_id = ? AND shard = ?",
                 (run_id, shard))}
@@ -404,9 +424,13 @@ class Ledger:
         return [dict(zip(names, r)) for r in rows]
 
     # -- nights: the model versions each run pinned
-    def start_night(self, run_id: str, pins: list[dict[str, Any]]) -> None:
-        """Note the model versions (name, version, sha256 of the graph) run ``run_id`` scores with."""
+    def start_night(self, run_id: str, pins: list[dict[str, Any]], exclusive: bool = False) -> None:
+        """Note the model versions (name, version, sha256 of the graph) run ``run_id`` scores with.
+        ``exclusive``: the caller holds the output folder's lock (SQLite), so no other run is alive and
+        the claims of any other run are a dead one's: they end now instead of when their lease lapses."""
         with self._transaction():
+            if exclusive:
+                self._db.execute("DELETE FROM claims WHERE run_id != ?", (run_id,))
             self._db.execute("INSERT INTO nights (run_id, started_utc, host, pins) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (run_id) DO NOTHING",
                              (run_id, utc_now(), socket.gethostname(), json.dumps(pins, sort_keys=True)))

@@ -5,40 +5,46 @@ steps as tasks; ``run_night`` runs them without Prefect (benchmarks compare the 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lung_models.bundle import ModelBundle, latest_bundles
+from lung_models.bundle import BundleError, ModelBundle, latest_bundles, load_bundle
 from lung_models.fileutil import utc_stamp
-from lung_models.scoring import pipeline
+from lung_models.scoring import database, pipeline
 from lung_models.scoring.discovery import discover
-from lung_models.scoring.items import ERROR, Incoming, takes
-from lung_models.scoring.ledger import LEDGER_NAME, Ledger
+from lung_models.scoring.items import ERROR, Incoming, Item, takes
+from lung_models.scoring.ledger import FOLDER_ID_NAME, LEDGER_NAME, Ledger
 from lung_models.scoring.lock import DEFAULT_LOCK_TIMEOUT, LOCK_NAME, scoring_lock
 from lung_models.scoring.rows import result_row
-from lung_models.scoring.runtime import FP32, LoadedModel, open_model
+from lung_models.scoring.runtime import FP32, LoadedModel, choose_graph, cpu_cores, open_model
 
 log = logging.getLogger(__name__)
 
 COMMIT_ROWS = 256
-# What a scoring run writes in its output folder: the ledger (and SQLite's journal), the lock, the
-# night and cumulative CSVs and their temp files (fileutil.atomic_writer names them ".<name>.<pid>.<random>.tmp").
+# What a scoring run writes in its output folder: the ledger (and SQLite's journal) or a database
+# ledger's folder id, the lock, the night and cumulative CSVs and their temp files
+# (fileutil.atomic_writer names them ".<name>.<pid>@<host>.<random>.tmp").
 _OWN_FILE = re.compile(rf"^({re.escape(LEDGER_NAME)}(-journal|-wal|-shm)?|{re.escape(LOCK_NAME)}"
-                       r"|scores-.*\.csv|\.scores-.*\.tmp)$")
+                       rf"|{re.escape(FOLDER_ID_NAME)}|scores-.*\.csv|\.scores-.*\.tmp)$")
 COMMIT_SECONDS = 2.0
 
 
-def find_incoming(input_dir: str | Path, output_dir: str | Path, settle_seconds: float) -> Incoming:
-    """Discovery with the output folder's ledger as its hash cache."""
+def find_incoming(input_dir: str | Path, output_dir: str | Path, settle_seconds: float,
+                  ledger: str | None = None) -> Incoming:
+    """Discovery with the night's ledger as its hash cache."""
     root = Path(input_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder not found; check the deployment's input_dir parameter")
-    with Ledger(output_dir) as ledger:
+    with Ledger(output_dir, url=ledger) as ledger:
         return discover(root, settle_seconds=settle_seconds, cache=ledger, output_dir=output_dir, own_file=own_file)
 
 
@@ -61,12 +67,20 @@ class ModelCounts:
     provider: str = ""
     precision: str = ""
     already_scored: int = 0
+    claimed_elsewhere: int = 0  # left to another run that holds them (a shared ledger)
     ok: int = 0
     rejected: int = 0
     error: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Sum another shard's counts of the same model into these."""
+        for key in ("already_scored", "claimed_elsewhere", "ok", "rejected", "error"):
+            setattr(self, key, getattr(self, key) + int(other.get(key, 0)))
+        self.provider = self.provider or other.get("provider", "")
+        self.precision = self.precision or other.get("precision", "")
 
 
 @dataclass
@@ -77,82 +91,237 @@ class NightResult:
     seconds: float = 0.0
 
 
-def score_incoming(incoming: Incoming, input_dir: str | Path, output_dir: str | Path, bundles: list[ModelBundle],
-                   run_id: str, *, batch_size: int = 8, workers: int | None = None, precision: str = FP32,
-                   progress: Callable[[str], None] = log.info) -> NightResult:
-    """Score every (item, model) pair the ledger has not seen, every model in one pass over the items
-    (each item decoded once). Rows are committed every COMMIT_ROWS rows or COMMIT_SECONDS seconds,
-    whichever comes first: a kill loses at most that much work, which the next run redoes, and the
-    fsyncs of a commit (tens of ms) do not dominate a night of small files."""
+# ----------------------------------------------------------------------------------------- pins
+def pin_models(bundles: list[ModelBundle], precision: str = FP32) -> tuple[list[dict[str, Any]],
+                                                                            list[tuple[ModelBundle, str]]]:
+    """The model versions a night scores with, fixed when it starts: for each bundle the absolute
+    folder, the graph that runs (fp32 or its int8 variant) and that graph's sha256, checked now. Every
+    worker opens exactly these files and refuses a file whose hash differs, so a bundle re-exported
+    mid-night, or a host that sees another version under the same path, cannot mix versions in one
+    night. Returns (pins, refused bundles with the reason)."""
+    pins, refused = [], []
+    for bundle in bundles:
+        try:
+            path, expected, chosen = choose_graph(bundle, precision)
+            sha = bundle.verify(path, expected)
+        except Exception as exc:  # noqa: BLE001 - one refused model (bad hash, no int8 variant) must not sink the night
+            log.error("%s %s refused: %s", bundle.name, bundle.version, exc)
+            refused.append((bundle, str(exc)))
+            continue
+        pins.append({"model": bundle.name, "version": bundle.version, "bundle": str(bundle.path.resolve()),
+                     "precision": chosen, "onnx_sha256": sha, "modality": bundle.modality})
+    return pins, refused
+
+
+_models_lock = threading.Lock()
+_models: dict[tuple[str, str, str, int], LoadedModel] = {}
+
+
+def pinned_model(pin: dict[str, Any], intra_op_threads: int) -> LoadedModel:
+    """The ONNX Runtime session of a pinned model version, opened once per process and reused by every
+    shard it runs (a Dask worker keeps it between tasks). Raises BundleError when this host's file is
+    not the pinned version."""
+    key = (pin["bundle"], pin["precision"], pin["onnx_sha256"], int(intra_op_threads))
+    with _models_lock:
+        if key not in _models:
+            bundle = load_bundle(pin["bundle"])
+            model = open_model(bundle, pin["precision"], intra_op_threads=intra_op_threads)
+            if (bundle.name, model.onnx_sha256) != (pin["model"], pin["onnx_sha256"]):
+                raise BundleError(
+                    f"{pin['bundle']} on host {socket.gethostname()} holds {bundle.name} {bundle.version} with graph "
+                    f"sha256 {model.onnx_sha256[:12]}..., not the {pin['model']} {pin['version']} "
+                    f"({pin['onnx_sha256'][:12]}...) this night pinned; every host must see the same exports folder "
+                    "(a shared file system mounted at the same path) and bundles must not be rewritten mid-night")
+            _models[key] = model
+        return _models[key]
+
+
+def forget_models(keep: list[dict[str, Any]]) -> None:
+    """Close the sessions of model versions no longer pinned (a long-lived worker between nights)."""
+    wanted = {(p["bundle"], p["precision"], p["onnx_sha256"]) for p in keep}
+    with _models_lock:
+        for key in [k for k in _models if k[:3] not in wanted]:
+            del _models[key]
+
+
+def refused_rows(ledger: Ledger, run_id: str, incoming_items: list[Item],
+                 refused: list[tuple[ModelBundle, str]]) -> list[ModelCounts]:
+    """Error rows for every item a refused model would have scored and has not (retried next run)."""
+    counts = []
+    for bundle, why in refused:
+        c = ModelCounts(bundle.name, bundle.version)
+        mine = [i for i in incoming_items if takes(bundle.modality, i)]
+        done = ledger.done(bundle.name, bundle.card.get("onnx_sha256", ""), [(i.key, i.sha256) for i in mine])
+        left = [i for i in mine if (i.key, i.sha256) not in done]
+        ledger.record(run_id, [result_row(bundle, i, status=ERROR, error=f"model refused: {why}") for i in left])
+        c.already_scored, c.error = len(mine) - len(left), len(left)
+        counts.append(c)
+    return counts
+
+
+# --------------------------------------------------------------------------------------- shards
+def split_shards(items: list[Item], workers: int, per_worker: int = 4, smallest: int = 8,
+                 largest: int = 256) -> list[list[Item]]:
+    """Cut the night into shards for the workers: about ``per_worker`` shards a worker (so a slow
+    shard does not hold the night back and a killed worker's redo is small), each of ``smallest``
+    to ``largest`` items, dealt round-robin so that heavy volumes spread over the shards instead of
+    clustering where the listing put them."""
+    if not items:
+        return []
+    size = min(largest, max(smallest, -(-len(items) // max(1, workers * per_worker))))
+    n = -(-len(items) // size)
+    return [items[k::n] for k in range(n)]
+
+
+@dataclass
+class ShardSettings:
+    """What every shard of a night needs besides its items: small, so it travels to workers cheaply."""
+
+    input_dir: str
+    output_dir: str
+    run_id: str
+    pins: list[dict[str, Any]]
+    ledger: str | None = None
+    batch_size: int = 8
+    decode_threads: int | None = None
+    intra_op_threads: int | None = None
+    host: str = field(default_factory=socket.gethostname)  # the flow's: a SQLite ledger must stay on it
+    # LUNG_FACTORY_COMMIT_ROWS: commit more often (a kill then loses less, at the cost of more fsyncs)
+    commit_rows: int = field(default_factory=lambda: int(os.environ.get("LUNG_FACTORY_COMMIT_ROWS", COMMIT_ROWS)))
+    commit_seconds: float = COMMIT_SECONDS
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def score_shard(shard_id: str, items: list[Item], settings: ShardSettings,
+                progress: Callable[[str], None] = log.info, stats: pipeline.PipelineStats | None = None,
+                ) -> dict[str, Any]:
+    """Score one shard's items with every pinned model that takes them and has not scored them,
+    each item decoded once: claim the keys, score, commit rows every ``commit_rows`` rows or
+    ``commit_seconds`` seconds (a kill loses at most that much, which the redo scores again), end
+    the claims. Returns the counts per model, the items skipped and where it ran."""
     started = time.perf_counter()
-    items = incoming.items
-    with Ledger(output_dir) as ledger:
+    s = settings
+    if not database.is_postgres_url(s.ledger) and socket.gethostname() != s.host:
+        raise RuntimeError(f"shard {shard_id} runs on host {socket.gethostname()}, but the night's ledger is the "
+                           f"SQLite file in {s.output_dir} on {s.host}: SQLite is for one host; give the night a "
+                           "PostgreSQL ledger (--ledger postgresql://...) to score on a cluster")
+    threads = s.intra_op_threads or cpu_cores()
+    stats = stats if stats is not None else pipeline.PipelineStats()
+    counts: dict[str, ModelCounts] = {}
+    skipped: list[tuple[str, str]] = []
+    forget_models(s.pins)
+    with Ledger(s.output_dir, url=s.ledger) as ledger:
         models: list[LoadedModel] = []
-        counts: dict[str, ModelCounts] = {}
         todo: dict[str, set[tuple[str, str]]] = {}
-        for bundle in bundles:
-            c = counts[bundle.name] = ModelCounts(bundle.name, bundle.version)
-            mine = [i for i in items if takes(bundle.modality, i)]
-            try:
-                model = open_model(bundle, precision)
-            except Exception as exc:  # noqa: BLE001 - one refused model (bad hash, bad graph) must not sink the night
-                log.error("%s %s refused: %s", bundle.name, bundle.version, exc)
-                done = ledger.done(bundle.name, bundle.card["onnx_sha256"], [(i.key, i.sha256) for i in mine])
-                left = [i for i in mine if (i.key, i.sha256) not in done]
-                ledger.record(run_id, [result_row(bundle, i, status=ERROR, error=f"model refused: {exc}")
-                                       for i in left])
-                c.already_scored, c.error = len(mine) - len(left), len(left)
-                continue
-            # Exactly once per graph: an int8 variant is another graph, so its rows are its own.
-            done = ledger.done(bundle.name, model.onnx_sha256, [(i.key, i.sha256) for i in mine])
+        for pin in s.pins:
+            c = counts[pin["model"]] = ModelCounts(pin["model"], pin["version"], precision=pin["precision"])
+            mine = [i for i in items if takes(pin["modality"], i)]
+            done = ledger.done(pin["model"], pin["onnx_sha256"], [(i.key, i.sha256) for i in mine])
             left = [i for i in mine if (i.key, i.sha256) not in done]
             c.already_scored = len(mine) - len(left)
-            c.provider, c.precision = model.provider, model.precision
+            if not left:
+                continue
+            try:
+                model = pinned_model(pin, threads)
+            except Exception as exc:  # noqa: BLE001 - this host cannot open it: error rows, retried next run
+                log.error("%s %s refused on %s: %s", pin["model"], pin["version"], socket.gethostname(), exc)
+                bundle = _RefusedBundle(pin)
+                ledger.record(s.run_id, [result_row(bundle, i, status=ERROR, error=f"model refused: {exc}")
+                                         for i in left])
+                c.error += len(left)
+                continue
+            held = ledger.claim(s.run_id, shard_id, [(i.key, i.sha256, pin["onnx_sha256"], pin["model"])
+                                                     for i in left])
+            todo[pin["model"]] = {(k[0], k[1]) for k in held}
+            c.claimed_elsewhere = len(left) - len(held)
+            c.provider = model.provider
             models.append(model)
-            todo[bundle.name] = {(i.key, i.sha256) for i in left}
-            progress(f"{bundle.name} {bundle.version}: {len(left)} new items, {model.precision} on {model.provider} "
-                     f"({c.already_scored} already scored)")
+            progress(f"{shard_id} {pin['model']} {pin['version']}: {len(held)} new items, {model.precision} on "
+                     f"{model.provider} ({c.already_scored} already scored, {c.claimed_elsewhere} held by another run)")
 
         def jobs():
             for item in items:
                 yield pipeline.Job(item, [m for m in models if (item.key, item.sha256) in todo[m.name]])
 
-        result = NightResult(list(counts.values()))
         uncommitted: list[dict[str, Any]] = []
         last_commit = time.monotonic()
-        for rows in pipeline.score(jobs(), input_dir, batch_size=batch_size, workers=workers,
-                                   skipped=result.skipped, stats=result.stats):
+        decode_threads = s.decode_threads or max(1, threads // 2)
+        for rows in pipeline.score(jobs(), s.input_dir, batch_size=s.batch_size, workers=decode_threads,
+                                   skipped=skipped, stats=stats):
             uncommitted += rows
             for r in rows:
                 setattr(counts[r["model"]], r["status"], getattr(counts[r["model"]], r["status"]) + 1)
-            if len(uncommitted) >= COMMIT_ROWS or time.monotonic() - last_commit >= COMMIT_SECONDS:
-                ledger.record(run_id, uncommitted)
+            if len(uncommitted) >= s.commit_rows or time.monotonic() - last_commit >= s.commit_seconds:
+                ledger.record(s.run_id, uncommitted, shard=shard_id)
                 uncommitted, last_commit = [], time.monotonic()
         if uncommitted:
-            ledger.record(run_id, uncommitted)
+            ledger.record(s.run_id, uncommitted, shard=shard_id)
+        ledger.release(s.run_id, shard_id)
+    return {"shard": shard_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "counts": [c.as_dict() for c in counts.values()], "skipped": [list(x) for x in skipped],
+            "items": len(items), "seconds": round(time.perf_counter() - started, 3)}
+
+
+class _RefusedBundle:
+    """Enough of a bundle for result_row when the pinned file cannot be opened on this host."""
+
+    def __init__(self, pin: dict[str, Any]):
+        self.name, self.version, self.card = pin["model"], pin["version"], {"onnx_sha256": pin["onnx_sha256"]}
+        self.modality = pin["modality"]
+
+
+def score_incoming(incoming: Incoming, input_dir: str | Path, output_dir: str | Path, bundles: list[ModelBundle],
+                   run_id: str, *, batch_size: int = 8, workers: int | None = None, precision: str = FP32,
+                   progress: Callable[[str], None] = log.info, ledger: str | None = None) -> NightResult:
+    """Score every (item, model) pair the ledger has not seen, in this process, as one shard: every
+    model in one pass over the items (each item decoded once). ``workers`` decoding threads."""
+    started = time.perf_counter()
+    pins, refused = pin_models(bundles, precision)
+    with Ledger(output_dir, url=ledger) as led:
+        led.start_night(run_id, pins, exclusive=not led.shared)  # SQLite: the caller holds the folder lock
+        counts = {c.model: c for c in refused_rows(led, run_id, incoming.items, refused)}
+    settings = ShardSettings(str(input_dir), str(output_dir), run_id, pins, ledger=ledger, batch_size=batch_size,
+                             decode_threads=workers)
+    result = NightResult([])
+    shard = score_shard(f"{run_id[:8]}-all", incoming.items, settings, progress=progress, stats=result.stats)
+    for c in shard["counts"]:
+        counts.setdefault(c["model"], ModelCounts(c["model"], c["version"])).add(c)
+    result.counts = list(counts.values())
+    result.skipped = [tuple(x) for x in shard["skipped"]]
     for c in result.counts:
         progress(f"{c.model}: {c.ok} ok, {c.rejected} rejected, {c.error} error rows")
     result.seconds = time.perf_counter() - started
     return result
 
 
-def publish(output_dir: str | Path, run_id: str, stamp: str) -> tuple[Path, Path]:
+def publish(output_dir: str | Path, run_id: str, stamp: str, ledger: str | None = None,
+            lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT) -> tuple[Path, Path]:
     """The night's CSV (every row not yet published, including rows of an interrupted earlier run)
     and the cumulative CSV, both written atomically."""
-    with Ledger(output_dir) as ledger:
-        return ledger.publish(run_id, stamp), ledger.write_cumulative()
+    with Ledger(output_dir, url=ledger) as led:
+        return led.publish(run_id, stamp, lock_timeout_seconds), led.write_cumulative(lock_timeout_seconds)
+
+
+def night_lock(output_dir: str | Path, ledger: str | None, timeout: float, label: str):
+    """What keeps a night's runs apart: with the SQLite ledger (one host) the output folder's lock for
+    the whole run; with a PostgreSQL ledger nothing here, since runs share the night through claims and
+    the database serialises publication."""
+    if database.is_postgres_url(ledger):
+        return nullcontext(Path(output_dir))
+    return scoring_lock(output_dir, timeout=timeout, label=label)
 
 
 def run_night(input_dir: str | Path, output_dir: str | Path, exports_dir: str | Path = "exports",
               models: list[str] | None = None, *, batch_size: int = 8, workers: int | None = None,
               precision: str = FP32, settle_seconds: float = 0.0,
-              lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT) -> Path:
-    """The whole night without Prefect: lock, find, score, publish; returns this run's CSV."""
+              lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, ledger: str | None = None) -> Path:
+    """The whole night without Prefect, in this process: lock, find, score, publish; returns this run's CSV."""
     run_id = str(uuid.uuid4())
-    with scoring_lock(output_dir, timeout=lock_timeout_seconds, label=f"run {run_id}"):
+    with night_lock(output_dir, ledger, lock_timeout_seconds, f"run {run_id}"):
         stamp = utc_stamp()
-        incoming = find_incoming(input_dir, output_dir, settle_seconds)
+        incoming = find_incoming(input_dir, output_dir, settle_seconds, ledger)
         score_incoming(incoming, input_dir, output_dir, find_bundles(exports_dir, models), run_id,
-                       batch_size=batch_size, workers=workers, precision=precision)
-        return publish(output_dir, run_id, stamp)[0]
-
+                       batch_size=batch_size, workers=workers, precision=precision, ledger=ledger)
+        return publish(output_dir, run_id, stamp, ledger, lock_timeout_seconds)[0]

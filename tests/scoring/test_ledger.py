@@ -483,6 +483,20 @@ def test_publish_removes_temp_files_left_by_a_killed_writer(ledger):
     assert not stale.exists() and live.exists()
 
 
+def test_a_temp_file_of_another_host_is_judged_by_its_age_alone(ledger):
+    """A pid means nothing across hosts: another host's CSV temp file may be a live write in progress."""
+    out = ledger.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    young = out / ".scores-n1.csv.999999@other-host.abc123.tmp"  # pid 999999 is dead here, maybe not there
+    old = out / ".scores-n0.csv.999999@other-host.def456.tmp"
+    young.write_text("x")
+    old.write_text("x")
+    stale = time.time() - ledger_mod.STALE_TEMP_SECONDS - 60
+    os.utime(old, (stale, stale))
+    ledger.publish("run1", "n2")
+    assert young.exists() and not old.exists()
+
+
 def test_publish_removes_old_temp_files_even_if_their_pid_is_reused(ledger):
     """In a container PIDs restart: a writer killed an hour ago may have had the pid of a process alive
     now (here our own). Under the scoring lock an hour-old temp file is stale whatever its pid says."""
@@ -696,3 +710,40 @@ def test_an_unreachable_postgres_ledger_says_where_and_what_to_check(tmp_path):
         Ledger(tmp_path / "out", url="postgresql://scorer:s3cret@127.0.0.1:9/ledger?connect_timeout=2")
     message = str(raised.value)
     assert "127.0.0.1:9/ledger" in message and "s3cret" not in message and "check that the server runs" in message
+
+
+def test_claims_of_a_killed_postgres_client_are_free_at_once(tmp_path, postgres_url):
+    """The server ends a killed process's connection, and with it the claims it took: a rerun started
+    right after a crash scores those scans instead of waiting for the lease to lapse."""
+    out = tmp_path / "out"
+    Ledger(out, url=postgres_url).close()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from lung_models.scoring import Ledger
+        led = Ledger(sys.argv[1], url=sys.argv[2])
+        led.claim("run1", "s1", [("a.png", "sha-a", "b1", "m")])
+        print("claimed", flush=True)
+        time.sleep(120)
+    """), str(out), postgres_url], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with Ledger(out, url=postgres_url) as led:
+            assert led.claim("run2", "s9", [("a.png", "sha-a", "b1", "m")]) == set()  # alive: left to it
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+            deadline = time.time() + 10
+            while not (got := led.claim("run2", "s9", [("a.png", "sha-a", "b1", "m")])) and time.time() < deadline:
+                time.sleep(0.1)
+            assert got == {("a.png", "sha-a", "b1", "m")}
+    finally:
+        holder.kill()
+        holder.stdout.close()
+
+
+def test_a_run_holding_the_sqlite_lock_ends_dead_runs_claims(tmp_path):
+    out = tmp_path / "out"
+    with Ledger(out) as led:
+        led.claim("dead-run", "s1", [("a.png", "sha-a", "b1", "m")])
+        with scoring_lock(out, timeout=0):
+            led.start_night("run2", [], exclusive=True)
+        assert led.claim("run2", "s2", [("a.png", "sha-a", "b1", "m")]) == {("a.png", "sha-a", "b1", "m")}

@@ -303,16 +303,25 @@ def _cli_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _score_process(folder: Path, out: Path, exports: Path, home: Path, *models: str) -> subprocess.Popen:
+def _score_process(folder: Path, out: Path, exports: Path, home: Path, *models: str,
+                   ledger: str | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "flows.cli", "score", str(folder), str(out), "--exports-dir", str(exports),
-            "--settle-seconds", "0", "--batch-size", "2"]
+            "--settle-seconds", "0", "--batch-size", "2"] + (["--ledger", ledger] if ledger else [])
     for m in models:
         args += ["-m", m]
     return subprocess.Popen(args, cwd=REPO, env=_cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
-def _ledger_rows(out: Path) -> int:
+def _ledger_rows(out: Path, ledger: str | None = None) -> int:
+    if ledger is not None:
+        import psycopg
+
+        try:
+            with psycopg.connect(ledger, connect_timeout=2) as conn:
+                return int(conn.execute("select count(*) from rows").fetchone()[0])
+        except psycopg.Error:  # the tables are not created yet
+            return 0
     db = out / "ledger.sqlite3"
     if not db.exists():
         return 0
@@ -328,22 +337,22 @@ def _all_night_rows(out: Path) -> pd.DataFrame:
     return pd.concat(nights, ignore_index=True) if nights else pd.DataFrame()
 
 
-def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(factory, tmp_path):
+def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(factory, tmp_path, ledger_url):
     folder = tmp_path / "in"
     phantoms.write_incoming(folder, seed=21, n_tiles=160, n_volumes=0, corrupt=False, tile_size=192)
     out = tmp_path / "out"
     models = ("lc25000-cnn", "lc25000-inception-mixed7")
-    proc = _score_process(folder, out, factory["exports"], tmp_path / "home1", *models)
+    proc = _score_process(folder, out, factory["exports"], tmp_path / "home1", *models, ledger=ledger_url)
     deadline = time.time() + 240
-    while _ledger_rows(out) < 8 and proc.poll() is None and time.time() < deadline:
+    while _ledger_rows(out, ledger_url) < 8 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    at_kill = _ledger_rows(out)
+    at_kill = _ledger_rows(out, ledger_url)
     total = 160 * len(models)
     assert 0 < at_kill < total, f"the kill should land mid-run ({at_kill} of {total} rows recorded)"
     assert not list(out.glob("scores-2*.csv")), "the killed run must not have published a partial report"
-    rerun = _score_process(folder, out, factory["exports"], tmp_path / "home2", *models)
+    rerun = _score_process(folder, out, factory["exports"], tmp_path / "home2", *models, ledger=ledger_url)
     log, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, log[-3000:]
     nights = _all_night_rows(out)
@@ -354,7 +363,19 @@ def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(factory, tmp_pat
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
 
 
-def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(factory, tmp_path):
+def _ledger_text(out: Path, ledger: str | None) -> str:
+    """Everything the ledger stores, as text: the SQLite file's bytes, or the PostgreSQL tables' rows."""
+    if ledger is None:
+        return (out / "ledger.sqlite3").read_bytes().decode("latin-1")
+    import psycopg
+
+    with psycopg.connect(ledger) as conn:
+        return "\n".join(str(row) for table in ("rows", "file_hashes", "reports", "nights", "claims")
+                         for row in conn.execute(f"SELECT * FROM {table}"))
+
+
+def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(factory, tmp_path, ledger_url):
+    """With SQLite the second run waits for the first (the lock); with PostgreSQL they share the night."""
     folder = tmp_path / "in"
     phantoms.write_incoming(folder, seed=22, n_tiles=40, n_volumes=0, corrupt=False, tile_size=128)
     files = write_series(folder / "dicom" / "series", 12)
@@ -362,7 +383,8 @@ def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(fa
     out = tmp_path / "out"
     models = ("lc25000-cnn", "chest-cnn", "mosmed-3dcnn")
     started = time.time()
-    procs = [_score_process(folder, out, factory["exports"], tmp_path / f"home{i}", *models) for i in range(2)]
+    procs = [_score_process(folder, out, factory["exports"], tmp_path / f"home{i}", *models, ledger=ledger_url)
+             for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     # They did overlap: both were started before either could have published (a run takes seconds).
     first_published = min(p.stat().st_mtime for p in out.glob("scores-2*.csv"))
@@ -380,7 +402,7 @@ def test_two_runs_at_once_lose_and_duplicate_nothing_and_leak_no_patient_data(fa
     assert slices_row.status == "ok" and int(slices_row.n_inputs) == len(files) - 1
     uid = series_uid(files[0])
     outputs = "\n".join(logs) + "".join(p.read_text() for p in out.glob("*.csv"))
-    ledger_bytes = (out / "ledger.sqlite3").read_bytes().decode("latin-1")
+    ledger_bytes = _ledger_text(out, ledger_url)
     for secret in (*PHI, uid):
         assert secret not in outputs and secret not in ledger_bytes, secret
 
