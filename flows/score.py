@@ -96,7 +96,7 @@ def score_shards(items: list[dict[str, Any]], settings: dict[str, Any], runner) 
 @flow(name="score-folder", log_prints=True)
 def score_folder(input_dir: str, output_dir: str, models: list[str] | None = None, exports_dir: str = "exports",
                  batch_size: int = 8, settle_seconds: float = DEFAULT_SETTLE_SECONDS,
-                 lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, workers: int = 1,
+                 lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, workers: int | None = 1,
                  dask_address: str | None = None, ledger: str | None = None, decode_threads: int | None = None,
                  precision: str = "fp32") -> str:
     """Score what the ledger has not seen; write this run's CSV (returned) and keep
@@ -109,6 +109,7 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
     export's gate passed it)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    workers = 1 if workers is None else workers  # a deployment made before workers meant Dask processes
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     if ledger and ledger != "sqlite" and not is_postgres_url(ledger):

@@ -62,6 +62,13 @@ def new_database(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exports", default="exports")
@@ -104,9 +111,12 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--input", str(folder), "--output", str(out),
                    "--exports", str(Path(args.exports).resolve()), "--n", str(n)]
             cmd += ["--models", *args.models] if args.models else []
-            if args.ledger:  # each run a night of its own: a new database on the server
-                cmd += ["--ledger", new_database(args.ledger, f"bench_dask_{n}_{time.time_ns()}")]
+            database = f"bench_dask_{n}_{time.time_ns()}"
+            if args.ledger:  # each run a night of its own: a new database on the server, dropped after it
+                cmd += ["--ledger", new_database(args.ledger, database)]
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if args.ledger:
+                drop_database(args.ledger, database)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{n} workers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from lung_models.scoring.lock import OutputNotWritable
 
@@ -37,13 +37,32 @@ def is_postgres_url(url: str | None) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its password (in the user part or the query), for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            user, host = netloc.rsplit("@", 1)
+            netloc = f"{user.split(':', 1)[0]}{':***' if ':' in user else ''}@{host}"
+        query = "&".join("password=***" if q.lower().startswith("password=") else q
+                         for q in parts.query.split("&")) if parts.query else ""
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return f"{url.split(':', 1)[0]}://(a URL that does not parse)"
+
+
+def _secrets(url: str) -> list[str]:
+    """The password of a URL, raw and decoded, wherever it is, to scrub from driver messages."""
+    found = []
+    try:
+        parts = urlsplit(url)
+        user = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+        if ":" in user:
+            found.append(user.split(":", 1)[1])
+        found += [q.split("=", 1)[1] for q in parts.query.split("&") if q.lower().startswith("password=")]
+    except ValueError:
+        pass
+    return [v for s in found if s for v in {s, unquote(s)}]
 
 
 class LedgerUnavailable(RuntimeError):
@@ -55,6 +74,7 @@ class SQLiteDatabase:
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     now_epoch = "((julianday('now') - 2440587.5) * 86400.0)"
     holder = "''"  # one host: a claim's holder is judged by its lease and the output folder's lock
+    same = "IS"  # NULL-safe equality (IS NOT DISTINCT FROM needs SQLite 3.39, newer than some LTS systems)
 
     @staticmethod
     def holder_alive(column: str) -> str:
@@ -113,8 +133,13 @@ class SQLiteDatabase:
         with self._mutex:
             yield from self._conn.execute(sql, params)
 
+    @staticmethod
+    def retryable(exc: BaseException) -> bool:
+        return False  # BEGIN IMMEDIATE serialises writers: no deadlocks, and busy_timeout waits
+
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, snapshot: bool = False) -> Iterator[None]:
+        # BEGIN IMMEDIATE: one writer at a time, so every transaction already sees one state.
         with self._mutex:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -157,13 +182,16 @@ class PostgresDatabase:
     serial = "BIGSERIAL PRIMARY KEY"
     now_epoch = "extract(epoch from clock_timestamp())::double precision"
     holder = f"(SELECT {_BACKEND.format(a='a')} FROM pg_stat_activity AS a WHERE a.pid = pg_backend_pid())"
+    same = "IS NOT DISTINCT FROM"
 
     @staticmethod
     def holder_alive(column: str) -> str:
         """Whether the connection that took a claim is still open. The server ends the connection of a
-        killed process (its socket closes), so its claims are free at once. Direct connections only: a
-        pooler in transaction mode would hand one server connection to many clients."""
-        return f"EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE {_BACKEND.format(a='a')} = {column})"
+        killed process (its socket closes), so its claims are free at once. Another role's
+        backend_start is hidden without pg_read_all_stats: then the pid alone says it. Direct
+        connections only: a pooler in transaction mode would hand one server connection to many clients."""
+        return (f"EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid::text = split_part({column}, '@', 1) "
+                f"AND (a.backend_start IS NULL OR {_BACKEND.format(a='a')} = {column}))")
 
     def __init__(self, url: str, connect_timeout: float = 30.0):
         try:
@@ -173,14 +201,18 @@ class PostgresDatabase:
         self._psycopg = psycopg
         self.where = redact(url)
         self._mutex = threading.RLock()
+        self.publish_key = _PUBLISH_LOCK_KEY  # the ledger sets its folder's once it knows it
         try:
             # autocommit: reads see every committed write at once; writes are explicit transactions.
             self._conn = psycopg.connect(url.replace("postgresql+psycopg", "postgresql", 1), autocommit=True,
                                          connect_timeout=max(1, int(connect_timeout)),
                                          application_name="lung-factory-ledger")
         except psycopg.Error as exc:
+            detail = str(exc).strip()
+            for secret in _secrets(url):  # a driver message may quote the URL, or a part of it it could not parse
+                detail = detail.replace(secret, "***")
             raise LedgerUnavailable(
-                f"cannot connect to the PostgreSQL ledger {self.where}: {str(exc).strip()}; check that the server "
+                f"cannot connect to the PostgreSQL ledger {self.where}: {detail}; check that the server "
                 "runs and is reachable from this host, and the URL's user, password and database") from None
 
     @staticmethod
@@ -196,11 +228,14 @@ class PostgresDatabase:
 
     @staticmethod
     def _sql(sql: str) -> str:
+        """SQLite's placeholders as psycopg's. The ledger's SQL keeps '?', ':name' and '%' out of its
+        string literals (this rewrite does not parse them); parameters are always passed, so psycopg
+        always turns '%%' back into '%'."""
         return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%")).replace("?", "%s")
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
         with self._mutex:
-            return self._conn.execute(self._sql(sql), params or None)
+            return self._conn.execute(self._sql(sql), params)
 
     def executemany(self, sql: str, params: Sequence[Any]) -> int:
         with self._mutex, self._conn.cursor() as cur:
@@ -212,13 +247,22 @@ class PostgresDatabase:
         result (a cumulative CSV of millions of rows) into this process first."""
         with self._mutex, self._conn.transaction(), self._conn.cursor(name="lung_factory_stream") as cur:
             cur.itersize = 2000
-            cur.execute(self._sql(sql), params or None)
+            cur.execute(self._sql(sql), params)
             yield from cur
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, snapshot: bool = False) -> Iterator[None]:
+        """``snapshot``: every statement sees the same snapshot (REPEATABLE READ), for a transaction
+        whose statements must agree on which rows exist while other runs insert."""
         with self._mutex, self._conn.transaction():
+            if snapshot:
+                self._conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield
+
+    def retryable(self, exc: BaseException) -> bool:
+        """A transaction the server aborted to resolve a conflict between runs: run it again."""
+        errors = self._psycopg.errors
+        return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
 
     def schema_version(self) -> int:
         found = self._conn.execute("SELECT to_regclass('ledger_meta')").fetchone()[0]
@@ -240,10 +284,12 @@ class PostgresDatabase:
     @contextmanager
     def publication_lock(self, timeout: float) -> Iterator[None]:
         """Runs on many hosts publish one at a time: a session-level advisory lock, released by the
-        server when this connection ends, even if its process is killed."""
+        server when this connection ends, even if its process is killed. Its key is the output
+        folder's (``publish_key``): ledgers in several schemas of one database do not wait on each other."""
         deadline = time.monotonic() + max(timeout, 0.0)
+        key = self.publish_key
         with self._mutex:
-            while not self._conn.execute("SELECT pg_try_advisory_lock(%s)", (_PUBLISH_LOCK_KEY,)).fetchone()[0]:
+            while not self._conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"another run has been publishing reports from the ledger {self.where} for "
                                        f"more than {timeout:g} s; let it finish, or stop it and rerun")
@@ -251,7 +297,7 @@ class PostgresDatabase:
             try:
                 yield
             finally:
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (_PUBLISH_LOCK_KEY,))
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     def close(self) -> None:
         with self._mutex:

@@ -150,7 +150,7 @@ CREATE TABLE IF NOT EXISTS claims (
     run_id TEXT NOT NULL,
     shard TEXT NOT NULL,                 -- the claiming shard, so it can renew and release its own
     holder TEXT NOT NULL DEFAULT '',     -- PostgreSQL: the claiming connection (its end frees the claim)
-    expires REAL NOT NULL,               -- the database's clock (epoch seconds): hosts' clocks may differ
+    expires DOUBLE PRECISION NOT NULL,   -- the database's clock (epoch seconds): hosts' clocks may differ
     PRIMARY KEY (relative_path, file_sha256, bundle_sha256, model)
 );
 CREATE INDEX IF NOT EXISTS claims_holder ON claims(run_id, shard);
@@ -185,7 +185,7 @@ content AS (
 SELECT run_id, row_json FROM (
     SELECT pub.id, pub.run_id, pub.row_json, ROW_NUMBER() OVER (
         PARTITION BY pub.relative_path, pub.series, pub.model ORDER BY pub.done DESC, pub.id DESC) AS n
-    FROM pub JOIN content AS c ON c.relative_path = pub.relative_path AND c.series IS NOT DISTINCT FROM pub.series
+    FROM pub JOIN content AS c ON c.relative_path = pub.relative_path AND c.series {same} pub.series
         AND c.model = pub.model AND c.file_sha256 = pub.file_sha256) AS current
 WHERE n = 1 ORDER BY id
 """
@@ -208,6 +208,14 @@ WHERE :done = 1 OR NOT EXISTS (
                          AND bundle_sha256 = :bundle_sha256 AND model = :model)
 ON CONFLICT DO NOTHING
 """
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _json_default(value: Any) -> Any:
@@ -235,6 +243,7 @@ class Ledger:
         self.path = getattr(self._db, "path", None)
         self.where = self._db.where
         try:
+            self._check_backend()
             with self._db.translate_errors():
                 self._init_schema()
             if self._db.kind != "sqlite":
@@ -242,6 +251,20 @@ class Ledger:
         except BaseException:
             self._db.close()
             raise
+
+    def _check_backend(self) -> None:
+        """One output folder, one ledger: a run with the other kind would find none of the folder's
+        rows and score and publish everything again."""
+        id_file, sqlite_file = self.output_dir / FOLDER_ID_NAME, self.output_dir / LEDGER_NAME
+        if self._db.kind == "sqlite" and id_file.exists():
+            raise database.LedgerUnavailable(
+                f"{self.output_dir} keeps its ledger in a PostgreSQL database ({id_file} says so): score it with "
+                "the same --ledger postgresql://... as its other runs (the deployment's ledger parameter)")
+        if self._db.kind != "sqlite" and sqlite_file.exists() and sqlite_file.stat().st_size > 0:
+            raise database.LedgerUnavailable(
+                f"{self.output_dir} already has a SQLite ledger ({sqlite_file}); a PostgreSQL ledger would not "
+                "know what it scored and would score and publish everything again: give the cluster a new "
+                "output folder (or score this one without --ledger)")
 
     @staticmethod
     def describe(output_dir: str | os.PathLike, url: str | None = None) -> str:
@@ -262,6 +285,8 @@ class Ledger:
             if version > _SCHEMA_VERSION:
                 raise RuntimeError(f"{self.where} has ledger schema {version}, newer than this code "
                                    f"({_SCHEMA_VERSION}); upgrade lung_models")
+            if version == _SCHEMA_VERSION:  # no DDL on every open: it takes locks that stall other runs' writes
+                return
             for old in range(version, _SCHEMA_VERSION):  # a new ledger (0) has nothing to drop
                 for index in _REBUILT_INDEXES.get(old, ()) if version else ():
                     self._db.execute(f"DROP INDEX IF EXISTS {index}")
@@ -288,9 +313,15 @@ class Ledger:
             folder_id = id_file.read_text().strip()
         except OSError as exc:
             raise OutputNotWritable(self.output_dir, f"{FOLDER_ID_NAME}: {exc}") from None
-        if not folder_id:  # another host is writing it this instant
-            time.sleep(0.5)
+        for _ in range(20):  # another host is writing it this instant (or its writer died: then say so)
+            if folder_id:
+                break
+            time.sleep(0.25)
             folder_id = id_file.read_text().strip()
+        if not folder_id:
+            raise database.LedgerUnavailable(f"{id_file} is empty: its writer was interrupted; if this folder's "
+                                             "database ledger is new, delete the file and rerun")
+        self._db.publish_key = int(uuid.UUID(folder_id).hex[:15], 16) if _is_uuid(folder_id) else self._db.publish_key
         with self._db.transaction():
             self._db.execute("INSERT INTO ledger_meta (key, value) VALUES ('folder_id', ?) ON CONFLICT (key) "
                              "DO NOTHING", (folder_id,))
@@ -301,8 +332,20 @@ class Ledger:
                 f"{folder_id}): give each output folder its own database (or schema), or, if this folder's "
                 f"ledger really moved here, copy {FOLDER_ID_NAME} from the folder it was first used with")
 
-    def _transaction(self):
-        return self._db.transaction()
+    def _transaction(self, snapshot: bool = False):
+        return self._db.transaction(snapshot)
+
+    def _retrying(self, fn, attempts: int = 8):
+        """Run ``fn`` (one transaction), again when the server aborted it to resolve a conflict with
+        another run (a deadlock between two runs' claims and commits, a snapshot that went stale)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if attempt == attempts or not self._db.retryable(exc):
+                    raise
+                log.info("ledger: transaction conflicted with another run (%s); retrying", type(exc).__name__)
+                time.sleep(0.05 * attempt)
 
     def close(self) -> None:
         self._db.close()
@@ -349,14 +392,18 @@ class Ledger:
             "recorded_utc": recorded, "keyset": 0,
             "row_json": json.dumps({**row, "run_id": run_id}, separators=(",", ":"), default=_json_default),
         } for row in map(self._validate, rows)]
-        with self._transaction():
-            inserted = self._db.executemany(_INSERT_ROW, params)
-            if shard is not None:
-                self._db.executemany("DELETE FROM claims WHERE relative_path = ? AND file_sha256 = ? "
-                                     "AND bundle_sha256 = ? AND model = ? AND run_id = ?",
-                                     [(p["relative_path"], p["file_sha256"], p["bundle_sha256"], p["model"], run_id)
-                                      for p in params])
-                self._renew(run_id, shard)
+        ends = sorted({(p["relative_path"], p["file_sha256"], p["bundle_sha256"], p["model"], run_id)
+                       for p in params})  # one lock order for every run's claim rows: fewer deadlocks
+
+        def write() -> int:
+            with self._transaction():
+                n = self._db.executemany(_INSERT_ROW, params)
+                if shard is not None:
+                    self._db.executemany("DELETE FROM claims WHERE relative_path = ? AND file_sha256 = ? "
+                                         "AND bundle_sha256 = ? AND model = ? AND run_id = ?", ends)
+                    self._renew(run_id, shard)
+                return n
+        inserted = self._retrying(write)
         if inserted < len(rows):
             log.info("ledger: run %s recorded %d rows, ignored %d already done", run_id, inserted,
                      len(rows) - inserted)
@@ -391,20 +438,23 @@ class Ledger:
         The done check comes after the claim, in the same transaction: another run may record a key
         and end its claim between a caller's ``done`` query and this call, and the claim must not
         then hand the key out again (the row would be ignored, but the scan scored twice)."""
-        keys = list(dict.fromkeys(tuple(map(str, k)) for k in keys))
+        keys = sorted(set(tuple(map(str, k)) for k in keys))  # one lock order for every run
         if not keys:
             return set()
-        with self._transaction():
-            self._db.executemany(_CLAIM.format(now=self._db.now_epoch, holder=self._db.holder,
-                                               alive=self._db.holder_alive("claims.holder")),
-                                 [(*k, run_id, shard, float(lease)) for k in keys])
-            self._db.execute("DELETE FROM claims WHERE run_id = ? AND shard = ? AND EXISTS (SELECT 1 FROM rows "
-                             "WHERE rows.relative_path = claims.relative_path AND rows.file_sha256 = "
-                             "claims.file_sha256 AND rows.bundle_sha256 = claims.bundle_sha256 AND rows.model = "
-                             "claims.model AND rows.done = 1)", (run_id, shard))
-            held = {tuple(r) for r in self._db.execute(
-                "SELECT relative_path, file_sha256, bundle_sha256, model FROM claims WHERE run_id = ? AND shard = ?",
-                (run_id, shard))}
+
+        def take() -> set[tuple[str, ...]]:
+            with self._transaction():
+                self._db.executemany(_CLAIM.format(now=self._db.now_epoch, holder=self._db.holder,
+                                                   alive=self._db.holder_alive("claims.holder")),
+                                     [(*k, run_id, shard, float(lease)) for k in keys])
+                self._db.execute("DELETE FROM claims WHERE run_id = ? AND shard = ? AND EXISTS (SELECT 1 FROM rows "
+                                 "WHERE rows.relative_path = claims.relative_path AND rows.file_sha256 = "
+                                 "claims.file_sha256 AND rows.bundle_sha256 = claims.bundle_sha256 AND rows.model = "
+                                 "claims.model AND rows.done = 1)", (run_id, shard))
+                return {tuple(r) for r in self._db.execute(
+                    "SELECT relative_path, file_sha256, bundle_sha256, model FROM claims WHERE run_id = ? "
+                    "AND shard = ?", (run_id, shard))}
+        held = self._retrying(take)
         return {k for k in keys if k in held}
 
     def _renew(self, run_id: str, shard: str, lease: float = CLAIM_SECONDS) -> None:
@@ -417,7 +467,7 @@ class Ledger:
             return self._db.execute("DELETE FROM claims WHERE run_id = ? AND shard = ?", (run_id, shard)).rowcount
 
     def claims(self) -> list[dict[str, Any]]:
-        """Every live claim, for logs and tests."""
+        """Every claim in the table (a dead holder's until the next night start removes it), for logs and tests."""
         rows = self._db.execute(f"SELECT relative_path, file_sha256, bundle_sha256, model, run_id, shard, "
                                 f"expires - {self._db.now_epoch} FROM claims ORDER BY relative_path").fetchall()
         names = ("relative_path", "file_sha256", "bundle_sha256", "model", "run_id", "shard", "seconds_left")
@@ -431,6 +481,9 @@ class Ledger:
         with self._transaction():
             if exclusive:
                 self._db.execute("DELETE FROM claims WHERE run_id != ?", (run_id,))
+            else:  # claims of dead holders are free anyway: keep the table small
+                self._db.execute(f"DELETE FROM claims WHERE expires < {self._db.now_epoch} "
+                                 f"OR NOT {self._db.holder_alive('claims.holder')}")
             self._db.execute("INSERT INTO nights (run_id, started_utc, host, pins) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (run_id) DO NOTHING",
                              (run_id, utc_now(), socket.gethostname(), json.dumps(pins, sort_keys=True)))
@@ -475,7 +528,7 @@ class Ledger:
         with self._mutex, self._db.publication_lock(lock_timeout):
             self._remove_stale_temps()
             self._recover()
-            name = self._claim(run_id, stamp)
+            name = self._retrying(lambda: self._claim(run_id, stamp))
             return self._write_and_mark(name)
 
     @contextmanager
@@ -503,7 +556,9 @@ class Ledger:
     def _claim(self, run_id: str, stamp: str) -> str:
         """In one transaction: supersede stale unreported error rows, pick a free report name, claim
         every unreported row for it and fix its header."""
-        with self._transaction():
+        # One snapshot for the whole claim (PostgreSQL's REPEATABLE READ): runs sharing the night insert
+        # rows meanwhile, and the rows superseded and the rows claimed must be judged on the same set.
+        with self._transaction(snapshot=True):
             self._db.execute(
                 "UPDATE rows SET superseded = 1 WHERE report IS NULL AND superseded = 0 AND done = 0 "
                 "AND EXISTS (SELECT 1 FROM rows AS later WHERE later.relative_path = rows.relative_path "
@@ -543,7 +598,8 @@ class Ledger:
         hide the last good result. The night CSVs and the ledger keep the history. Streamed: memory
         does not grow with the rows."""
         with self.publication(lock_timeout):
-            rows = self._db.stream(_CURRENT_ROWS.format(series=self._db.json_field("r.row_json", "series_uid_hash")))
+            rows = self._db.stream(_CURRENT_ROWS.format(series=self._db.json_field("r.row_json", "series_uid_hash"),
+                                                        same=self._db.same))
             return write_csv(self.output_dir / CUMULATIVE_NAME, list(COLUMNS), rows)
 
     def _remove_stale_temps(self) -> None:

@@ -153,3 +153,34 @@ def test_a_shard_on_another_host_refuses_the_sqlite_ledger(tmp_path):
     settings = night.ShardSettings(str(tmp_path), str(tmp_path / "out"), "run1", [], host="the-flows-host")
     with pytest.raises(RuntimeError, match=r"SQLite is for one host.*--ledger postgresql://"):
         night.score_shard("run1-s0000", [], settings)
+
+
+def test_a_shard_whose_task_failed_is_submitted_once_more(prefect_harness, monkeypatch):
+    """The flow's own second chance, for a shard Dask gave up on (its workers kept dying): the redo
+    runs, and a shard failing twice is reported, not raised, so the night still publishes."""
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    import flows.score as score_mod
+    from lung_models.scoring.items import Item
+
+    attempts: dict[str, int] = {}
+
+    @task
+    def flaky_shard(shard_id: str, items: list, settings: dict) -> dict:
+        attempts[shard_id] = attempts.get(shard_id, 0) + 1
+        if shard_id.endswith("s0000") or (shard_id.endswith("s0001") and attempts[shard_id] == 1):
+            raise ConnectionError("worker lost")
+        return {"shard": shard_id, "host": "h", "counts": [], "skipped": []}
+
+    monkeypatch.setattr(score_mod, "score_shard", flaky_shard)
+    items = [Item(f"f{i:03d}.png", "ct_slice", "image", (f"f{i:03d}.png",), f"{i}").as_dict() for i in range(40)]
+
+    @flow
+    def night() -> dict:
+        return score_mod.score_shards(items, {"run_id": "abcdef12-run"}, ThreadPoolTaskRunner(max_workers=1))
+
+    result = night()
+    assert attempts == {f"abcdef12-s{k:04d}": (2 if k < 2 else 1) for k in range(4)}
+    assert sorted(r["shard"] for r in result["shards"]) == [f"abcdef12-s{k:04d}" for k in (1, 2, 3)]
+    assert len(result["failed"]) == 1 and "s0000: ConnectionError: worker lost" in result["failed"][0]

@@ -640,23 +640,28 @@ def test_two_concurrent_runs_neither_lose_nor_duplicate(tmp_path, use_lock):
 
 
 SHARING_RUN = textwrap.dedent("""
-    import sys, time
-    from lung_models.scoring import Ledger
-    out, run, url = sys.argv[1], sys.argv[2], (sys.argv[3] or None)
+    import os, sys, time
+    from contextlib import nullcontext
+    from lung_models.scoring import Ledger, scoring_lock
+    out, run, url, go = sys.argv[1], sys.argv[2], (sys.argv[3] or None), sys.argv[4]
     items = [(f"scan_{i:03d}.png", f"sha{i}") for i in range(200)]
     scored = 0
+    print("ready", flush=True)
+    while not os.path.exists(go):  # both runs start together, whatever their import times
+        time.sleep(0.01)
     with Ledger(out, url=url) as led:
         for start in range(0, len(items), 20):  # one shard of 20 items at a time, as a worker takes them
             shard = f"{run}-{start}"
             chunk = [it for it in items[start:start + 20] if it not in led.done("m", "b1", items[start:start + 20])]
             held = led.claim(run, shard, [(p, s, "b1", "m") for p, s in chunk])
             mine = [(p, s) for p, s in chunk if (p, s, "b1", "m") in held]
-            time.sleep(0.05 * len(mine) / 20)  # scoring takes time: the other run gets its turn
+            time.sleep(0.1 * len(mine) / 20)  # scoring takes time: the other run gets its turn
             led.record(run, [{"relative_path": p, "file_sha256": s, "model": "m", "model_version": "1",
                               "bundle_sha256": "b1", "status": "ok", "prob_x": 0.5} for p, s in mine], shard=shard)
             led.release(run, shard)
             scored += len(mine)
-        led.publish(run, "20260102")
+        with scoring_lock(out, timeout=60) if url is None else nullcontext():  # SQLite publishes under the lock
+            led.publish(run, "20260102")
     print(scored)
 """)
 
@@ -666,9 +671,13 @@ def test_two_runs_share_a_night_through_claims(tmp_path, ledger_url):
     together they score everything once; their two night CSVs hold every row exactly once."""
     out = tmp_path / "out"
     Ledger(out, url=ledger_url).close()  # schema in place before both start (they would race to create it)
-    procs = [subprocess.Popen([sys.executable, "-c", SHARING_RUN, str(out), f"run{k}", ledger_url or ""],
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", SHARING_RUN, str(out), f"run{k}", ledger_url or "", str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
              for k in (1, 2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    go.touch()
     results = [p.communicate(timeout=180) for p in procs]
     for proc, (_, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr
@@ -747,3 +756,27 @@ def test_a_run_holding_the_sqlite_lock_ends_dead_runs_claims(tmp_path):
         with scoring_lock(out, timeout=0):
             led.start_night("run2", [], exclusive=True)
         assert led.claim("run2", "s2", [("a.png", "sha-a", "b1", "m")]) == {("a.png", "sha-a", "b1", "m")}
+
+
+def test_one_output_folder_keeps_one_kind_of_ledger(tmp_path, postgres_url):
+    """A run with the other kind of ledger would find none of the folder's rows and publish them all again."""
+    from lung_models.scoring.database import LedgerUnavailable
+    sqlite_folder, pg_folder = tmp_path / "one-host", tmp_path / "cluster"
+    Ledger(sqlite_folder).close()
+    with pytest.raises(LedgerUnavailable, match="already has a SQLite ledger"):
+        Ledger(sqlite_folder, url=postgres_url)
+    Ledger(pg_folder, url=postgres_url).close()
+    with pytest.raises(LedgerUnavailable, match="keeps its ledger in a PostgreSQL database"):
+        Ledger(pg_folder)
+
+
+def test_redacted_urls_and_messages_never_hold_the_password(tmp_path):
+    from lung_models.scoring.database import LedgerUnavailable, redact
+    assert redact("postgresql://scorer:s3cret@db:5432/ledger") == "postgresql://scorer:***@db:5432/ledger"
+    assert "s3cret" not in redact("postgresql://scorer@db/ledger?sslmode=require&password=s3cret")
+    assert "s3cret" not in redact("postgresql://scorer:s3cret@db:notaport/ledger")
+    for url in ("postgresql://scorer:pa%zzs3cret@127.0.0.1:9/ledger?connect_timeout=2",
+                "postgresql://scorer:s3cret@with@127.0.0.1:9/ledger?connect_timeout=2"):
+        with pytest.raises(LedgerUnavailable) as raised:
+            Ledger(tmp_path / "out", url=url)
+        assert "s3cret" not in str(raised.value), str(raised.value)
