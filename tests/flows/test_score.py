@@ -114,6 +114,10 @@ def test_score_flow_without_shared_data_still_scores_generated_and_corrupt(facto
     check_report(_score(factory, folder, tmp_path / "reports"), expected, factory, folder)
 
 
+# The scorer reads only the card and the ONNX graphs; the Keras files and plots are most of a copy.
+SCORER_UNUSED = shutil.ignore_patterns("*.keras", "*.png")
+
+
 def test_score_flow_survives_a_broken_graph_a_dangling_latest_and_a_huge_image(factory, tmp_path):
     from PIL import Image
 
@@ -121,7 +125,7 @@ def test_score_flow_survives_a_broken_graph_a_dangling_latest_and_a_huge_image(f
     from lung_models.fileutil import atomic_write_json
 
     exports = tmp_path / "exports"
-    shutil.copytree(factory["exports"], exports)
+    shutil.copytree(factory["exports"], exports, ignore=SCORER_UNUSED)
     # chest-cnn: a card whose hash matches a file ONNX Runtime cannot load.
     broken = latest_bundles(exports)["chest-cnn"]
     broken.onnx_path.write_bytes(b"not an onnx graph")
@@ -148,7 +152,7 @@ def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(fac
     from flows.score import score_folder
 
     exports = tmp_path / "exports"
-    shutil.copytree(factory["exports"], exports)
+    shutil.copytree(factory["exports"], exports, ignore=SCORER_UNUSED)
     tampered = latest_bundles(exports)["mosmed-3dcnn"].onnx_path
     tampered.write_bytes(tampered.read_bytes() + b"\0")
     folder = tmp_path / "incoming"
