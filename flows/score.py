@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from lung_models.device import import_onnxruntime
 from lung_models.fileutil import utc_stamp
 from lung_models.scoring import DEFAULT_LOCK_TIMEOUT, DEFAULT_SETTLE_SECONDS, Item, night
 from lung_models.scoring.database import is_postgres_url, redact
@@ -93,12 +95,19 @@ def score_shards(items: list[dict[str, Any]], settings: dict[str, Any], runner) 
     return {"shards": results, "failed": failed}
 
 
-@flow(name="score-folder", log_prints=True)
+def night_run_name() -> str:
+    """What the Prefect UI lists for a night: the date, the folder scored and where the reports go."""
+    params = flow_run.parameters or {}
+    return (f"night {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z: {Path(str(params.get('input_dir', '?'))).name}"
+            f" -> {Path(str(params.get('output_dir', '?'))).name}")
+
+
+@flow(name="score-folder", flow_run_name=night_run_name, log_prints=True)
 def score_folder(input_dir: str, output_dir: str, models: list[str] | None = None, exports_dir: str = "exports",
                  batch_size: int = 8, settle_seconds: float = DEFAULT_SETTLE_SECONDS,
                  lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, workers: int | None = 1,
                  dask_address: str | None = None, ledger: str | None = None, decode_threads: int | None = None,
-                 precision: str = "fp32") -> str:
+                 precision: str = "fp32", include_unpromoted: bool = False) -> str:
     """Score what the ledger has not seen; write this run's CSV (returned) and keep
     ``scores-cumulative.csv`` current. Files modified less than ``settle_seconds`` ago are left for
     a later run. ``workers`` > 1 scores on a local Dask cluster of that many processes,
@@ -106,9 +115,11 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
     in ``output_dir`` (one host; runs on one output folder then take turns through a lock), or a
     postgresql:// URL (runs and hosts share the night). ``decode_threads`` per shard feed inference
     (default: half the shard's cores). ``precision`` fp32, int8 or auto (the int8 variant where the
-    export's gate passed it)."""
+    export's gate passed it). Each model's promoted version (``LATEST``) is scored; with
+    ``include_unpromoted`` its newest export instead, promoted or not, the rows saying which."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    import_onnxruntime()  # a host without it fails here, naming the extra, before the output folder is touched
     workers = 1 if workers is None else workers  # a deployment made before workers meant Dask processes
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -128,7 +139,7 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
         # quote(): the item list grows with the night (thousands of dicts); Prefect would otherwise walk
         # every element of it looking for futures, a cost per file that the bare scorer does not pay.
         pinned = pin_models(quote(incoming), str(out), str(Path(exports_dir).resolve()), models, precision, ledger,
-                            run_id)
+                            run_id, include_unpromoted)
         settings = night.ShardSettings(inp, str(out), run_id, pinned["pins"], ledger=ledger, batch_size=batch_size,
                                        decode_threads=decode_threads).as_dict()
         scored = score_shards(incoming["items"], settings, shard_runner(workers, dask_address))

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from lung_models import registry
+from lung_models.device import import_onnxruntime
 from tasks.common import model_process
 from tasks.data import fetch_data, preprocess_data
 from tasks.training import cross_validate_model, evaluate_model, export_model, train_model
 
 
-@flow(name="train-models", log_prints=True)
+def training_run_name() -> str:
+    """What the Prefect UI lists for a training run: the models, the profile and the data source."""
+    params = flow_run.parameters or {}
+    models = params.get("models") or ["all models"]
+    shown = ", ".join(models[:3]) + (f" +{len(models) - 3}" if len(models) > 3 else "")
+    return f"train {shown} ({params.get('profile', 'demo')}, {params.get('source', 'generated')})"
+
+
+@flow(name="train-models", flow_run_name=training_run_name, log_prints=True)
 def train_models(models: list[str] | None = None, profile: str = "demo", source: str = "generated",
                  data_dir: str | None = None, exports_dir: str = "exports", work_dir: str = "work",
                  epochs: int | None = None, batch_size: int | None = None,
@@ -27,6 +37,7 @@ def train_models(models: list[str] | None = None, profile: str = "demo", source:
     first cross-validates each model's recipe k-fold on its pooled train and validation splits
     (models built from others are not cross-validated); the figures go into the model card.
     """
+    import_onnxruntime()  # the export's parity check runs the graph: fail before hours of training
     if folds is not None and folds < 2:
         raise ValueError(f"folds must be at least 2 (k-fold cross-validation), not {folds}; leave it unset to skip it")
     # Dependencies first (an ensemble is built from its trained submodels); unknown names fail here.

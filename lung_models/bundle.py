@@ -1,7 +1,8 @@
 """The model bundle: ``exports/<model>/<version>/`` with ``model.onnx`` and ``model_card.json``.
 
 A bundle describes itself: the scorer needs nothing but the folder. Versions are never
-overwritten; ``exports/<model>/LATEST`` names the newest complete one (written last, atomically).
+overwritten; ``exports/<model>/LATEST`` names the promoted one, the version the nightly scorer uses
+(``lung_models.promotion``: a new export moves it only when it passes its gate).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class BundleError(RuntimeError):
 class ModelBundle:
     path: Path
     card: dict[str, Any]
+    promoted: bool = False  # LATEST named this version when it was loaded
 
     @property
     def name(self) -> str:
@@ -79,7 +81,12 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise BundleError(f"{card_path}: unreadable model card ({exc}); re-export the model") from None
     if missing:
         raise BundleError(f"{card_path}: model card lacks {', '.join(missing)}; re-export the model")
-    return ModelBundle(path=path, card=card)
+    pointer = path.parent / LATEST
+    try:
+        promoted = pointer.read_text().strip() == card["version"]
+    except OSError:
+        promoted = False
+    return ModelBundle(path=path, card=card, promoted=promoted)
 
 
 def latest_version(exports_root: str | Path, model_name: str) -> Path | None:
@@ -94,15 +101,29 @@ def latest_version(exports_root: str | Path, model_name: str) -> Path | None:
     return path
 
 
-def latest_bundles(exports_root: str | Path, names: list[str] | None = None) -> dict[str, ModelBundle]:
-    """The newest bundle of each model found under ``exports_root`` (or of the named ones)."""
+def newest_version(exports_root: str | Path, model_name: str) -> Path | None:
+    """The most recent complete export of a model, promoted or not (versions sort by time)."""
+    model_dir = Path(exports_root) / model_name
+    versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and (p / CARD).is_file()) if model_dir.is_dir() else []
+    return versions[-1] if versions else None
+
+
+def latest_bundles(exports_root: str | Path, names: list[str] | None = None,
+                   include_unpromoted: bool = False) -> dict[str, ModelBundle]:
+    """The promoted bundle of each model found under ``exports_root`` (or of the named ones); with
+    ``include_unpromoted``, each model's newest export instead, promoted or not (the demo's choice)."""
     root = Path(exports_root)
     found: dict[str, ModelBundle] = {}
     candidates = names if names else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     for name in candidates:
         try:
-            path = latest_version(root, name)
+            path = newest_version(root, name) if include_unpromoted else latest_version(root, name)
             if path is None:
+                if newest_version(root, name) is not None:
+                    raise BundleError(f"{root / name}: no promoted version of model {name!r}: its exports did not "
+                                      f"pass their gate (lung-factory bundles list {name}); promote one by hand "
+                                      "(lung-factory bundles promote) or train a better one")
                 raise BundleError(f"{root / name}: no exported version of model {name!r}; "
                                   "train it first (lung-factory train --models ...)")
             found[name] = load_bundle(path)

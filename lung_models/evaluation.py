@@ -94,17 +94,75 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str) -> Pat
     return path
 
 
-def plot_confusion(cm: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
+def wrap_label(name: str, width: int = 14) -> str:
+    """A class name broken into lines of at most ``width`` characters, at its dots, underscores,
+    hyphens or spaces where it has them (``large.cell.carcinoma`` -> ``large.cell.`` / ``carcinoma``)."""
+    import re
+    import textwrap
+
+    parts = re.findall(r"[^._\- ]+[._\- ]?", name) or [name]
+    lines, line = [], ""
+    for part in parts:
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    lines.append(line)
+    return "\n".join(piece for line in lines for piece in textwrap.wrap(line.strip(), width) or [line])
+
+
+def confusion_figure(cm: list[list[int]], class_names: list[str], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = plt.subplots(figsize=(1.6 * len(class_names) + 2, 1.6 * len(class_names) + 1.5))
-    ConfusionMatrixDisplay(np.asarray(cm), display_labels=class_names).plot(ax=ax, colorbar=False)
+    fig, ax = plt.subplots(figsize=(1.6 * len(class_names) + 2.5, 1.6 * len(class_names) + 2))
+    labels = [wrap_label(c) for c in class_names]
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=labels).plot(ax=ax, colorbar=False)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    ax.tick_params(axis="x", labelrotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Saved with a tight bounding box: axis titles and long class labels are never cut off."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.2)
     plt.close(fig)
     return path
+
+
+def plot_confusion(cm: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
+    return save_figure(confusion_figure(cm, class_names, title), path)
+
+
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
+    """ROC curves on the test split: one class against the rest for each class (for two classes, the
+    second one's), with each curve's AUC; a class absent from the split has no curve and says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y_true = np.asarray(y_true, dtype=int)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    classes = [1] if len(class_names) == 2 else range(len(class_names))
+    for k in classes:
+        positive = y_true == k
+        if positive.all() or not positive.any():
+            ax.plot([], [], " ", label=f"{class_names[k]}: no curve (one class only in the split)")
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{class_names[k]} (AUC {roc_auc_score(positive, probs[:, k]):.3f})")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    return save_figure(fig, path)

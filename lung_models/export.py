@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -13,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from lung_models import preprocess
-from lung_models.bundle import CARD, LATEST, ONNX
-from lung_models.fileutil import atomic_write_json, atomic_write_text, sha256_file, utc_now, utc_stamp
+from lung_models import preprocess, promotion
+from lung_models.bundle import CARD, ONNX
+from lung_models.fileutil import _umask, atomic_write_json, sha256_file, utc_now, utc_stamp
 from lung_models.registry import ModelSpec
 
 OPSET = 17
@@ -122,14 +121,24 @@ def reserve_version(model_dir: Path) -> str:
     raise RuntimeError(f"{model_dir}: cannot reserve a new version folder")
 
 
-def point_latest(model_dir: Path, version: str) -> None:
-    """Move ``LATEST`` to ``version`` unless a newer version is already there (under a lock)."""
-    with open(model_dir / ".latest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        pointer = model_dir / LATEST
-        current = pointer.read_text().strip() if pointer.is_file() else ""
-        if version > current:  # versions sort by time
-            atomic_write_text(pointer, version + "\n")
+INTENDED_USE = ("research and engineering use only; not a medical device, not for clinical diagnosis or "
+                "treatment decisions")
+
+
+def _code_commit() -> str | None:
+    """The git commit of the code that exported the bundle (with "+dirty" for uncommitted changes),
+    None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def _versions() -> dict[str, str]:
@@ -146,7 +155,8 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
                   exports_root: Path, card_extra: dict[str, Any], files: dict[str, Path],
                   progress: Callable[[str], None] = print, test_y: np.ndarray | None = None,
                   calib_x: np.ndarray | None = None) -> Path:
-    """Convert, check parity on the test arrays, write the bundle, then point LATEST at it.
+    """Convert, check parity on the test arrays, write the bundle, then point LATEST at it if it
+    passed its promotion gate (``promotion.gate``; otherwise it is exported but not promoted).
 
     ``params`` is the preprocessing that produced ``test_x`` (the spec's, or a test's smaller
     size); it goes into the card unchanged so the scorer reproduces it. ``files`` are copied into
@@ -160,6 +170,8 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
     input_shape = tuple(int(d) for d in test_x.shape[1:])
     fn = probability_function(model, spec.output, input_shape)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    # mkdtemp makes it 0700; a bundle is read by other service accounts (the scoring worker's group).
+    os.chmod(staging, 0o777 & ~_umask())
     final: Path | None = None
     try:
         onnx_path = staging / ONNX
@@ -192,6 +204,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
             "created_utc": utc_now(),
             "model": {"name": spec.name, "title": spec.title, "documented_by": spec.documented_by,
                       "modality": spec.modality, "class_names": list(spec.class_names),
+                      "dataset": spec.dataset.name, "dataset_citation": spec.dataset.citation or None,
                       "documented_metrics": spec.documented_metrics},
             "input": {"name": session.get_inputs()[0].name, "shape": [None, *input_shape],
                       "dtype": "float32", "layout": params.get("layout", "")},
@@ -200,10 +213,13 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
             "preprocessing": params,
             "parity": parity,
             "software": _versions(),
+            "code": {"commit": _code_commit()},
+            "intended_use": INTENDED_USE,
             "opset": OPSET,
             **({"int8": int8} if int8 is not None else {}),
             **card_extra,
         }
+        card["promotion"] = promotion.gate(card.get("metrics") or {}, parity)
         meta = {"model_name": spec.name, "version": version, "modality": spec.modality,
                 "class_names": json.dumps(list(spec.class_names)), "preprocessing": json.dumps(params),
                 "input_layout": params.get("layout", ""), "weights_init": str(card_extra.get("weights_init")),
@@ -224,6 +240,13 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
         if final is not None and final.is_dir() and not any(final.iterdir()):
             final.rmdir()
         raise
-    point_latest(model_dir, version)
     progress(f"{spec.name}: bundle written to {final}")
+    if promotion.promote_if_passed(model_dir, version, card):
+        progress(f"{spec.name}: promoted {version} (LATEST): {card['promotion']['reason']}")
+    elif card["promotion"]["passed"]:
+        progress(f"{spec.name}: {version} passed its gate; the newer {promotion.promoted_version(model_dir)} "
+                 "is already promoted")
+    else:
+        progress(f"{spec.name}: exported, NOT promoted ({card['promotion']['reason']}); LATEST stays at "
+                 f"{promotion.promoted_version(model_dir) or 'none'}; see lung-factory bundles --help")
     return final

@@ -32,7 +32,7 @@ def child(input_dir: str, output_dir: str, exports: str, models: list[str] | Non
     from lung_models.scoring.night import run_night
 
     started = time.perf_counter()
-    csv = run_night(input_dir, output_dir, exports, models, settle_seconds=0)
+    csv = run_night(input_dir, output_dir, exports, models, settle_seconds=0, include_unpromoted=True)
     df = pd.read_csv(csv, keep_default_na=False)
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "rows": len(df),
                                   "status": df.status.value_counts().to_dict(),

@@ -32,7 +32,7 @@ def child(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     csv = score_folder(input_dir=args.input, output_dir=args.output, exports_dir=args.exports, models=args.models,
-                       settle_seconds=0, workers=args.n, ledger=args.ledger)
+                       settle_seconds=0, workers=args.n, ledger=args.ledger, include_unpromoted=True)
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "csv": csv}), flush=True)
 
 

@@ -47,7 +47,8 @@ SECTIONS = ("raw", "tf", "night", "flow", "rss", "arena", "workers", "volume")
 def _bundles(exports: str, names: list[str] | None = None):
     from lung_models.bundle import latest_bundles
 
-    bundles = latest_bundles(exports, names)
+    # Speed, not accuracy: a bundle that did not pass its promotion gate measures the same.
+    bundles = latest_bundles(exports, names, include_unpromoted=True)
     if not bundles:
         sys.exit(f"no bundles under {exports}: run `lung-factory demo` (or train) first")
     return bundles
@@ -266,7 +267,7 @@ def night(bundles, rates: dict[str, float], work: Path, workers: int | None) -> 
                 needed += _n_inputs(item, folder, bundle) / rates[bundle.name]
     out = work / f"night-out-{time.time_ns()}"
     started = time.perf_counter()
-    csv = night_mod.run_night(folder, out, exports_dir=_exports(bundles), workers=workers)
+    csv = night_mod.run_night(folder, out, exports_dir=_exports(bundles), workers=workers, include_unpromoted=True)
     seconds = time.perf_counter() - started
     import pandas as pd
 
@@ -338,7 +339,7 @@ def child(args: argparse.Namespace) -> None:
     imported = time.perf_counter()
     # The flow's decoding threads are decode_threads (its workers are Dask processes); run_night's are workers.
     kw = {"settle_seconds": 0, "decode_threads": args.workers} if args.child == "flow" else {"workers": args.workers}
-    csv = run(args.input, args.output, models=[args.model], exports_dir=args.exports, **kw)
+    csv = run(args.input, args.output, models=[args.model], exports_dir=args.exports, include_unpromoted=True, **kw)
     seconds = time.perf_counter() - imported
     rows = len(pd.read_csv(csv))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -18,6 +19,56 @@ T = TypeVar("T")
 _PROGRESS: Any = None
 # In the flow: the process that runs the current model's TensorFlow work, and its progress queue.
 _WORKER: tuple[ProcessPoolExecutor, Any, str] | None = None
+
+
+# How long a task may run before Prefect fails it (a hung download, file system or model process
+# must not hold a run, and the nightly deployment's queue behind it, forever). Generous on purpose:
+# the documented recipes train for hours on a CPU.
+TIMEOUTS = {"fetch": 6 * 3600, "preprocess": 6 * 3600, "train": 48 * 3600, "evaluate": 2 * 3600,
+            "export": 4 * 3600, "cross_validate": 7 * 24 * 3600, "find": 2 * 3600, "pin": 600,
+            "shard": 2 * 3600, "publish": 8 * 3600}
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNABORTED}
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether an error (or what caused it) is a network or I/O fault that may pass: worth a retry.
+    A bad argument, a checksum mismatch, a missing file or a bug is not, and fails at once."""
+    import psycopg
+    import requests
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from lung_models.data.sources.download import TransientDownloadError
+    from lung_models.scoring.lock import ScoringLockTimeout
+
+    transient = (TimeoutError, ConnectionError, requests.ConnectionError, requests.Timeout,
+                 requests.exceptions.ChunkedEncodingError, psycopg.OperationalError,
+                 TransientDownloadError)  # the downloader's own: HTTP 5xx or 429, a dropped resume
+    # A task that ran out of its own time, or waited its whole lock timeout for another run, would only
+    # do it again: never retried.
+    final = (TaskRunTimeoutError, ScoringLockTimeout)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, final):
+            return False
+        if isinstance(exc, transient) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only what :func:`is_transient` calls transient."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the task's own failure, judged here
+        transient = is_transient(exc)
+        run_logger().warning("%s failed (%s: %s); %s", task_run.name, type(exc).__name__, exc,
+                             "transient: retrying" if transient else "not transient: no retry")
+        return transient
+    return False
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -110,3 +161,28 @@ def in_model_process(fn: Callable[..., T], *args: Any) -> T:
                            "most often by the kernel when memory ran out: see `dmesg`; or its result could "
                            "not be passed back). Nothing it wrote to the exports folder is published before "
                            "its bundle is complete.") from exc
+
+
+def forward_library_logs(names: tuple[str, ...] = ("lung_models",)) -> None:
+    """Send the library's own log records (a broken bundle skipped, a report recovered, a download
+    retried) to the Prefect run they happen in, so the UI shows them beside the task's lines.
+    Outside a flow or task run they go nowhere new. Like PREFECT_LOGGING_EXTRA_LOGGERS, but set in
+    code: that setting is read when Prefect configures logging, which in a worker's flow-run process
+    happens before the project is imported."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class RunLogForwarder(APILogHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+                super().emit(record)
+
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(type(h).__name__ == "RunLogForwarder" for h in logger.handlers):
+            logger.addHandler(RunLogForwarder())
+        if logger.level == logging.NOTSET:  # the root's WARNING would drop the INFO lines
+            logger.setLevel(logging.INFO)
+
+
+forward_library_logs()

@@ -12,7 +12,7 @@ from prefect import task
 from lung_models import registry
 from lung_models.data import datasets
 from lung_models.data.sources import source_from_config
-from tasks.common import say
+from tasks.common import TIMEOUTS, retry_if_transient, say
 
 KAGGLE_SECRET_BLOCK = "kaggle-credentials"
 GENERATED_PER_CLASS = 200  # generated items per class when the profile does not say
@@ -55,7 +55,10 @@ def source_config(model_name: str, source: str, profile: str, data_dir: str | No
     return config
 
 
-@task(name="fetch-data", retries=2, retry_delay_seconds=[30, 120])
+# Retried only on network and I/O faults (the downloader has already retried each request): a bad
+# --source, a checksum mismatch or a missing folder fails at once.
+@task(name="fetch-data", task_run_name="fetch {model_name} ({source})", retries=2, retry_delay_seconds=[30, 120],
+      retry_condition_fn=retry_if_transient, timeout_seconds=TIMEOUTS["fetch"])
 def fetch_data(model_name: str, source: str, profile: str, work_dir: str, data_dir: str | None = None,
                seed: int = 1337) -> dict[str, Any]:
     """Download (or generate, or locate) the data set; returns its root and provenance."""
@@ -65,7 +68,7 @@ def fetch_data(model_name: str, source: str, profile: str, work_dir: str, data_d
     return {"root": str(root), "provenance": data_source.provenance()}
 
 
-@task(name="preprocess-data")
+@task(name="preprocess-data", task_run_name="preprocess {model_name}", timeout_seconds=TIMEOUTS["preprocess"])
 def preprocess_data(model_name: str, data_root: str, work_dir: str, max_per_class: int | None = None,
                     input_shape: list[int] | None = None, profile: str = "full") -> str:
     """Cache the model's preprocessed splits; ``max_per_class`` (else the profile's) caps each split."""

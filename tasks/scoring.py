@@ -7,16 +7,17 @@ from collections import Counter
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lung_models.scoring import Item, night
+from lung_models.scoring import Item, html_report, night
 from lung_models.scoring.ledger import Ledger
 from lung_models.scoring.runtime import cpu_cores
-from tasks.common import run_logger, say
+from tasks.common import TIMEOUTS, retry_if_transient, run_logger, say
 
 
-@task(name="find-incoming-files", cache_policy=NO_CACHE)  # side effects / fresh listing every run
+@task(name="find-incoming-files", task_run_name="find new files in {input_dir}", cache_policy=NO_CACHE,
+      retries=1, retry_delay_seconds=60, retry_condition_fn=retry_if_transient, timeout_seconds=TIMEOUTS["find"])
 def find_incoming(input_dir: str, output_dir: str, settle_seconds: float, ledger: str | None = None) -> dict[str, Any]:
     found = night.find_incoming(input_dir, output_dir, settle_seconds, ledger)
     for rel, why in found.skipped:
@@ -26,12 +27,20 @@ def find_incoming(input_dir: str, output_dir: str, settle_seconds: float, ledger
     return {"items": [i.as_dict() for i in found.items], "skipped": [list(s) for s in found.skipped]}
 
 
-@task(name="pin-models", cache_policy=NO_CACHE)  # reads the exports folder and writes the ledger
+# Not retried: it writes the night's start and refused rows in the ledger, and a second start of the
+# same run is not what the ledger expects.
+@task(name="pin-models", task_run_name="pin model versions", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["pin"])
 def pin_models(incoming: dict[str, Any], output_dir: str, exports_dir: str, models: list[str] | None,
-               precision: str, ledger: str | None, run_id: str) -> dict[str, Any]:
+               precision: str, ledger: str | None, run_id: str, include_unpromoted: bool = False) -> dict[str, Any]:
     """Fix the model versions of the night (by sha256) and note them in the ledger; a refused bundle
     gets its error rows here, once, rather than on every worker."""
-    pins, refused = night.pin_models(night.find_bundles(exports_dir, models), precision)
+    bundles = night.find_bundles(exports_dir, models, include_unpromoted)
+    for bundle in bundles:
+        if not bundle.promoted:
+            verdict = bundle.card.get("promotion") or {}
+            say(f"scoring with UNPROMOTED {bundle.name} {bundle.version} (its rows say promoted=no): "
+                f"{verdict.get('reason', 'no gate recorded')}")
+    pins, refused = night.pin_models(bundles, precision)
     items = [Item.from_dict(d) for d in incoming["items"]]
     with Ledger(output_dir, url=ledger) as led:
         led.start_night(run_id, pins, exclusive=not led.shared)  # SQLite: the caller holds the folder lock
@@ -56,7 +65,9 @@ def _worker_threads(settings: dict[str, Any]) -> int | None:
     return max(1, cpu_cores() // max(1, slots))
 
 
-@task(name="score-shard", cache_policy=NO_CACHE)  # writes the ledger
+# No task retries: a failed shard is submitted again by the flow (see flows/score.py), and its rows
+# already committed stay done.
+@task(name="score-shard", task_run_name="shard {shard_id}", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["shard"])
 def score_shard(shard_id: str, items: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """One shard: file paths and small dicts in, counts out. Its worker opens each pinned model once
     and keeps the session for the shards after it."""
@@ -69,7 +80,10 @@ def score_shard(shard_id: str, items: list[dict[str, Any]], settings: dict[str, 
     return result
 
 
-@task(name="publish-reports", cache_policy=NO_CACHE)  # side effects / fresh listing every run
+# Not retried: a retry after the night CSV was written would claim no rows and publish an empty one;
+# what a failed publication leaves is published by the next run (the ledger keeps the claim).
+@task(name="publish-reports", task_run_name="publish the night's reports", cache_policy=NO_CACHE,
+      timeout_seconds=TIMEOUTS["publish"])
 def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, scored: dict[str, Any],
                     skipped: list[list[str]], ledger: str | None = None,
                     lock_timeout_seconds: float = night.DEFAULT_LOCK_TIMEOUT) -> dict[str, str]:
@@ -101,8 +115,39 @@ def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, sc
         lines += [f"- `{rel.replace('`', chr(39))}`: {why}" for rel, why in skipped_all[:200]]
         if len(skipped_all) > 200:
             lines.append(f"- ... and {len(skipped_all) - 200} more (the flow run's log lists every one)")
+    page = _html_report(output_dir, input_dir, night_csv, stamp, skipped_all, cumulative)
+    if page:
+        lines[5:5] = [f"- the page to read: [{page.name}]({page.resolve().as_uri()})"]
     create_markdown_artifact(key="nightly-scoring-report", markdown="\n".join(lines),
                              description=f"scores written to {night_csv}")
-    say(f"report: {night_csv} (cumulative: {cumulative}); {len(skipped_all)} entries not scored this run "
-        "(listed in the nightly-scoring-report artifact)")
-    return {"night": str(night_csv), "cumulative": str(cumulative)}
+    _table_artifacts(night_csv, skipped_all)
+    say(f"report: {night_csv} (cumulative: {cumulative}; page: {page}); {len(skipped_all)} entries not scored "
+        "this run (listed in the nightly-scoring-report artifact)")
+    return {"night": str(night_csv), "cumulative": str(cumulative), "page": str(page or "")}
+
+
+def _html_report(output_dir: str, input_dir: str, night_csv, stamp: str, skipped: list[tuple[str, str]],
+                 cumulative) -> Any:
+    """The night's HTML page; a failure to draw it is logged and costs the page, never the night (its
+    CSVs are already published)."""
+    try:
+        return html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative)
+    except Exception as exc:  # noqa: BLE001
+        run_logger().error("night report page not written: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _table_artifacts(night_csv, skipped: list[tuple[str, str]], limit: int = 500) -> None:
+    """Two tables in the Prefect UI: counts per model and status, and the files not scored or refused
+    with the reason (at most ``limit`` rows each; the CSV and the page hold them all)."""
+    summary = html_report.summarise(night_csv)
+    flagged = Counter(r["model"] for r in summary["flagged"])
+    create_table_artifact(key="nightly-scoring-counts", description=f"rows of {night_csv.name} by model and status",
+                          table=[{"model": m, **{s: c.get(s, 0) for s in html_report.STATUSES},
+                                  "flagged": flagged.get(m, 0)} for m, c in sorted(summary["counts"].items())])
+    problems = [{"file": r["relative_path"], "model": r["model"], "status": r["status"], "reason": r["error"]}
+                for r in summary["refused"]]
+    problems += [{"file": rel, "model": "", "status": "skipped", "reason": why} for rel, why in skipped]
+    create_table_artifact(key="nightly-scoring-problems", table=problems[:limit] or [{"file": "", "status": "none"}],
+                          description=f"{len(problems)} rejected, error or skipped entries"
+                          + (f" (first {limit})" if len(problems) > limit else ""))

@@ -15,7 +15,7 @@ from lung_models import crossval, evaluation, export, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
 from lung_models.training import release_tensorflow_memory
-from tasks.common import in_model_process, say
+from tasks.common import TIMEOUTS, in_model_process, say
 
 
 def run_dir(work_dir: str, model_name: str) -> Path:
@@ -24,7 +24,7 @@ def run_dir(work_dir: str, model_name: str) -> Path:
     return path
 
 
-@task(name="train-model")
+@task(name="train-model", task_run_name="train {model_name} ({profile})", timeout_seconds=TIMEOUTS["train"])
 def train_model(model_name: str, prepared: str, work_dir: str, profile: str = "full",
                 overrides: dict[str, Any] | None = None, seed: int = 1337,
                 input_shape: list[int] | None = None, parts: dict[str, str] | None = None) -> dict[str, Any]:
@@ -44,7 +44,8 @@ def _train(model_name: str, prepared: str, work_dir: str, profile: str, override
             "seed": seed}
 
 
-@task(name="cross-validate-model")
+@task(name="cross-validate-model", task_run_name="cross-validate {model_name} ({folds} folds)",
+      timeout_seconds=TIMEOUTS["cross_validate"])
 def cross_validate_model(model_name: str, prepared: str, work_dir: str, profile: str = "full",
                          overrides: dict[str, Any] | None = None, seed: int = 1337,
                          input_shape: list[int] | None = None, folds: int = 5) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def _cross_validate(model_name: str, prepared: str, work_dir: str, profile: str,
     return {**summary, "profile": profile, "recipe": dataclasses.asdict(recipe)}
 
 
-@task(name="evaluate-model")
+@task(name="evaluate-model", task_run_name="evaluate {model_name}", timeout_seconds=TIMEOUTS["evaluate"])
 def evaluate_model(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
     """Metrics on the held-out test split (and accuracy/loss on every split), plots, split manifest."""
     path = in_model_process(_evaluate, model_name, prepared, trained)
@@ -107,6 +108,7 @@ def _evaluate(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
                          "loss": float(log_loss(y, np.clip(probs, 1e-7, 1), labels=labels))}
         if split == "test":
             metrics = evaluation.classification_metrics(y, probs, list(spec.class_names))
+            evaluation.plot_roc(y, probs, list(spec.class_names), out / "roc.png", f"{spec.name} (test split)")
     metrics["splits"] = splits
     metrics["split_fractions"] = spec.dataset.split
     atomic_write_json(out / "metrics.json", metrics)
@@ -122,11 +124,31 @@ def _evaluate(model_name: str, prepared: str, trained: dict[str, Any]) -> str:
     return str(out / "metrics.json")
 
 
-@task(name="export-model")
+@task(name="export-model", task_run_name="export {model_name}", timeout_seconds=TIMEOUTS["export"])
 def export_model(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
                  data_info: dict[str, Any], exports_dir: str, crossval_summary: dict[str, Any] | None = None) -> str:
-    return in_model_process(_export, model_name, prepared, trained, metrics_path, data_info, exports_dir,
-                            crossval_summary)
+    bundle = in_model_process(_export, model_name, prepared, trained, metrics_path, data_info, exports_dir,
+                              crossval_summary)
+    _export_artifact(model_name, Path(bundle))
+    return bundle
+
+
+def _export_artifact(model_name: str, bundle: Path) -> None:
+    """The export in the Prefect UI: parity, the promotion verdict, and links to the bundle's plots."""
+    from prefect.artifacts import create_markdown_artifact
+
+    card = json.loads((bundle / "model_card.json").read_text())
+    parity, verdict = card["parity"], card.get("promotion") or {}
+    lines = [f"# {model_name} {card['version']}", "",
+             f"- bundle: [{bundle}]({bundle.resolve().as_uri()})",
+             f"- ONNX parity with Keras on {parity['items']} test items: {'passed' if parity['passed'] else 'FAILED'} "
+             f"(max abs difference {parity['max_abs_diff']}, {parity['class_mismatches']} class mismatches)",
+             f"- promotion gate: {'passed' if verdict.get('passed') else 'failed, NOT promoted'}: "
+             f"{verdict.get('reason', '')}", "", "Plots:", ""]
+    lines += [f"- [{name}]({(bundle / name).resolve().as_uri()})"
+              for name in ("training_curves.png", "confusion_matrix.png", "roc.png") if (bundle / name).is_file()]
+    create_markdown_artifact(key=f"export-{model_name}", markdown="\n".join(lines),
+                             description=f"{model_name}: parity, promotion and plots of bundle {card['version']}")
 
 
 def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
@@ -155,7 +177,8 @@ def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_pat
                               "reason": "not made in a smoke run (accuracy at chance: nothing for the gate to check)"}
     files = {"metrics.json": run / "metrics.json", "split_manifest.json": run / "split_manifest.json",
              "history.json": Path(trained["history"]), "training_curves.png": run / "training_curves.png",
-             "confusion_matrix.png": run / "confusion_matrix.png", "model.keras": Path(trained["checkpoint"])}
+             "confusion_matrix.png": run / "confusion_matrix.png", "roc.png": run / "roc.png",
+             "model.keras": Path(trained["checkpoint"])}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
                                   progress=say, test_y=y_test, calib_x=None if smoke else x_train)

@@ -23,7 +23,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
-WORK_POOL = "lung-factory-process"
+POOLS = {"train-models": "lung-factory-training", "nightly-scoring": "lung-factory-scoring"}
 SERVER_START_TIMEOUT = 90  # seconds; a cold start on a slow 2-core machine takes about 10 s
 CLI_TIMEOUT = 180  # seconds per Prefect CLI call (deploy loads both flow entrypoints)
 
@@ -112,7 +112,8 @@ def prefect_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployments(prefect_env) -> dict[str, dict]:
     """Create the work pool, run `prefect deploy --all`, return both deployments as JSON."""
-    _prefect(prefect_env, "work-pool", "create", WORK_POOL, "--type", "process")
+    for pool in POOLS.values():
+        _prefect(prefect_env, "work-pool", "create", pool, "--type", "process")
     _prefect(prefect_env, "--no-prompt", "deploy", "--all")
     return {name: json.loads(_prefect(prefect_env, "deployment", "inspect", name, "--output", "json"))
             for name in ("train-models/train-models", "score-folder/nightly-scoring")}
@@ -127,7 +128,7 @@ def yaml_specs() -> dict[str, dict]:
 def test_prefect_yaml_declares_both_deployments(yaml_specs):
     assert set(yaml_specs) == {"train-models", "nightly-scoring"}
     for spec in yaml_specs.values():
-        assert spec["work_pool"]["name"] == WORK_POOL
+        assert spec["work_pool"]["name"] == POOLS[spec["name"]]
         path, _, func = spec["entrypoint"].partition(":")
         assert (REPO_ROOT / path).is_file() and f"def {func}(" in (REPO_ROOT / path).read_text()
 
@@ -135,7 +136,7 @@ def test_prefect_yaml_declares_both_deployments(yaml_specs):
 def test_train_models_is_manual(deployments, yaml_specs):
     dep = deployments["train-models/train-models"]
     assert dep["entrypoint"] == "flows/train.py:train_models"
-    assert dep["work_pool_name"] == WORK_POOL
+    assert dep["work_pool_name"] == POOLS["train-models"]
     assert dep["schedules"] == []
     assert dep["parameters"] == yaml_specs["train-models"]["parameters"]
     assert dep["parameters"]["models"] is None and dep["parameters"]["profile"] == "demo"
@@ -145,7 +146,7 @@ def test_train_models_is_manual(deployments, yaml_specs):
 def test_nightly_scoring_schedule_and_concurrency(deployments, yaml_specs):
     dep = deployments["score-folder/nightly-scoring"]
     assert dep["entrypoint"] == "flows/score.py:score_folder"
-    assert dep["work_pool_name"] == WORK_POOL
+    assert dep["work_pool_name"] == POOLS["nightly-scoring"]
     assert dep["paused"] is False
     [schedule] = dep["schedules"]
     assert schedule["active"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,19 @@ def test_parity_check_fails_on_nan_and_on_disagreement():
     assert not check_parity(Fn(), Session(good + 2e-4), x, params)["passed"]
 
 
-def test_a_second_export_is_a_new_version_and_latest_moves(factory, tmp_path):
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _metrics(accuracy: float, low: float, supports: tuple[int, ...]) -> dict:
+    n = sum(supports)
+    return {"n": n, "accuracy": accuracy, "accuracy_ci95_wilson": [low, min(1.0, accuracy + 0.05)],
+            "per_class": {f"c{i}": {"support": s} for i, s in enumerate(supports)}}
+
+
+def test_a_second_export_is_a_new_version_and_latest_moves_only_past_the_gate(factory, tmp_path):
     from lung_models import export, training
     from lung_models.data.datasets import PreparedData
 
@@ -66,11 +79,27 @@ def test_a_second_export_is_a_new_version_and_latest_moves(factory, tmp_path):
     spec = registry.get("lc25000-cnn").spec
     data = PreparedData(Path(load_bundle(src).card["data"]["cache"]))
     model = training.load_checkpoint(src / "model.keras")
+    said = []
     new = export.export_bundle(spec, model, test_x=data.arrays("test")[0], params=data.manifest["preprocessing"],
-                               exports_root=exports, card_extra={"weights_init": "random"}, files={},
-                               progress=lambda m: None)
+                               exports_root=exports, files={}, progress=said.append,
+                               card_extra={"weights_init": "random", "metrics": _metrics(0.9, 0.85, (50, 30, 20))})
     assert new.name != src.name and (exports / "lc25000-cnn" / src.name / "model.onnx").is_file()
+    assert latest_bundles(exports)["lc25000-cnn"].path == new and load_bundle(new).promoted
+    assert any("promoted" in m and new.name in m for m in said)
+    assert new.stat().st_mode & 0o777 == 0o777 & ~_umask()  # readable by the scoring service's group
+
+    # Test accuracy whose 95% interval reaches chance (the share of the largest class, 0.6 here) is
+    # exported, not promoted: LATEST stays, and the export says so.
+    said.clear()
+    weak = export.export_bundle(spec, model, test_x=data.arrays("test")[0], params=data.manifest["preprocessing"],
+                                exports_root=exports, files={}, progress=said.append,
+                                card_extra={"weights_init": "random", "metrics": _metrics(0.66, 0.58, (60, 20, 20))})
+    card = load_bundle(weak).card
+    assert not card["promotion"]["passed"] and "not better than chance 0.600" in card["promotion"]["reason"]
     assert latest_bundles(exports)["lc25000-cnn"].path == new
+    assert latest_bundles(exports, include_unpromoted=True)["lc25000-cnn"].path == weak
+    assert not load_bundle(weak).promoted
+    assert any("NOT promoted" in m and "LATEST stays at " + new.name in m for m in said)
 
     # A failed parity check is loud and leaves no bundle behind.
     before = sorted(p.name for p in (exports / "lc25000-cnn").iterdir())

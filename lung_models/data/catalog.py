@@ -30,6 +30,9 @@ class DatasetSpec:
     file_suffixes: tuple[str, ...]
     split: dict[str, Any]
     citation: str = ""
+    # The class that means "no finding": a scan predicted as any other class is flagged in the
+    # night's report.
+    negative: str = ""
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -45,6 +48,7 @@ class DatasetSpec:
         sources = {kind: {**config, "classes": list(classes)} if kind == "generated" else dict(config)
                    for kind, config in self.sources.items()}
         return dataclasses.replace(self, name=name or self.name, layout={c: self.layout[c] for c in classes},
+                                   negative=self.negative if self.negative in classes else "",
                                    sources=sources, split=self.split if split is None else split)
 
 
@@ -53,6 +57,7 @@ LC25000 = DatasetSpec(
     # In this order the classes seed the phantoms (by class index), so it is part of what a seed
     # generates; a model's subset lists its own order.
     layout={"lung_aca": "lung_aca", "lung_scc": "lung_scc", "lung_n": "lung_n"},
+    negative="lung_n",  # benign lung tissue
     sources={"generated": {"kind": "lc25000"},
              "kaggle": {"slug": "andrewmvd/lung-and-colon-cancer-histopathological-images"}},
     file_suffixes=(".jpeg", ".jpg", ".png"),
@@ -68,6 +73,7 @@ MOSMED = DatasetSpec(
     # MosMedData keeps each severity grade in its own folder; the Keras 3D-CT example uses CT-0 (no
     # findings) as normal and CT-23 (grades 2-3) as abnormal.
     layout={"normal": "CT-0", "abnormal": "CT-23"},
+    negative="normal",
     sources={
         "generated": {"kind": "mosmed"},
         # No sha256 is published for these archives; the downloader records the one it sees.
@@ -87,6 +93,8 @@ CHEST_CT = DatasetSpec(
     # suffixes, test uses the short names: match by prefix.
     layout={"adenocarcinoma": "adenocarcinoma*", "large.cell.carcinoma": "large.cell.carcinoma*",
             "normal": "normal*", "squamous.cell.carcinoma": "squamous.cell.carcinoma*"},
+    negative="normal",
+    citation="Mohamed Hany, Chest CT-Scan images Dataset, Kaggle (mohamedhanyyy/chest-ctscan-images)",
     sources={"generated": {"kind": "chest_ct"}, "kaggle": {"slug": "mohamedhanyyy/chest-ctscan-images"}},
     file_suffixes=(".png", ".jpg", ".jpeg"),
     # The data set ships its own splits; a copy without a test folder gets one carved from train.
@@ -107,6 +115,8 @@ CT_CANCER = DatasetSpec(
     name="Lung CT-Scan images (Kaggle orvile/ct-scan-images)",
     # Any of three lung cancers, or none.
     layout={"Cancerous": "Cancerous", "Non-Cancerous": "Non-Cancerous"},
+    negative="Non-Cancerous",
+    citation="Lung CT-Scan images, Kaggle (orvile/ct-scan-images)",
     sources={"generated": {"kind": "ct_cancer"}, "kaggle": {"slug": "orvile/ct-scan-images"}},
     file_suffixes=(".png", ".jpg", ".jpeg", ".bmp"),
     # Documented: 30% held out (random_state 42), 30% of that as test: about 70/21/9.
@@ -116,3 +126,12 @@ CT_CANCER = DatasetSpec(
 CT_CANCER_PARENTS = ("CT-Scan images", "CT-Scan images", "CT-Scan Images")
 
 DATASETS = (LC25000, MOSMED, CHEST_CT, CT_CANCER)
+
+
+def negative_class(class_names: Sequence[str]) -> str | None:
+    """The "no finding" class of a model with these classes (a bundle's card names them), as its data
+    set declares it; None for a model whose classes are all findings (lc25000-cnn: two cancer types)."""
+    for dataset in DATASETS:
+        if dataset.negative and dataset.negative in class_names:
+            return dataset.negative
+    return None

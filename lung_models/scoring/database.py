@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from lung_models.scoring.lock import OutputNotWritable
+from lung_models.scoring.lock import OutputNotWritable, ScoringLockTimeout
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,8 @@ class PostgresDatabase:
         with self._mutex:
             while not self._conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"another run has been publishing reports from the ledger {self.where} for "
-                                       f"more than {timeout:g} s; let it finish, or stop it and rerun")
+                    raise ScoringLockTimeout(f"another run has been publishing reports from the ledger {self.where} "
+                                             f"for more than {timeout:g} s; let it finish, or stop it and rerun")
                 time.sleep(0.2)
             try:
                 yield

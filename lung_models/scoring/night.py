@@ -4,6 +4,7 @@ steps as tasks; ``run_night`` runs them without Prefect (benchmarks compare the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -31,10 +32,10 @@ log = logging.getLogger(__name__)
 
 COMMIT_ROWS = 256
 # What a scoring run writes in its output folder: the ledger (and SQLite's journal) or a database
-# ledger's folder id, the lock, the night and cumulative CSVs and their temp files
+# ledger's folder id, the lock, the night and cumulative CSVs, the night's HTML page and their temp files
 # (fileutil.atomic_writer names them ".<name>.<pid>@<host>.<random>.tmp").
 _OWN_FILE = re.compile(rf"^({re.escape(LEDGER_NAME)}(-journal|-wal|-shm)?|{re.escape(LOCK_NAME)}"
-                       rf"|{re.escape(FOLDER_ID_NAME)}|scores-.*\.csv|\.scores-.*\.tmp)$")
+                       rf"|{re.escape(FOLDER_ID_NAME)}|scores-.*\.csv|report-.*\.html|\.(scores|report)-.*\.tmp)$")
 COMMIT_SECONDS = 2.0
 
 
@@ -53,8 +54,11 @@ def own_file(name: str) -> bool:
     return bool(_OWN_FILE.match(name))
 
 
-def find_bundles(exports_dir: str | Path, models: list[str] | None = None) -> list[ModelBundle]:
-    bundles = latest_bundles(exports_dir, models or None)
+def find_bundles(exports_dir: str | Path, models: list[str] | None = None,
+                 include_unpromoted: bool = False) -> list[ModelBundle]:
+    """The promoted bundle of each model (or of the named ones); with ``include_unpromoted`` each
+    model's newest export, promoted or not, its rows marked ``promoted=no``."""
+    bundles = latest_bundles(exports_dir, models or None, include_unpromoted=include_unpromoted)
     if not bundles:
         raise FileNotFoundError(f"{exports_dir}: no exported model bundles; run the train flow first")
     return list(bundles.values())
@@ -109,22 +113,24 @@ def pin_models(bundles: list[ModelBundle], precision: str = FP32) -> tuple[list[
             refused.append((bundle, str(exc)))
             continue
         pins.append({"model": bundle.name, "version": bundle.version, "bundle": str(bundle.path.resolve()),
-                     "precision": chosen, "onnx_sha256": sha, "modality": bundle.modality})
+                     "precision": chosen, "onnx_sha256": sha, "modality": bundle.modality,
+                     "promoted": bundle.promoted})
     return pins, refused
 
 
 _models_lock = threading.Lock()
-_models: dict[tuple[str, str, str, int], LoadedModel] = {}
+_models: dict[tuple[str, str, str, int, bool], LoadedModel] = {}
 
 
 def pinned_model(pin: dict[str, Any], intra_op_threads: int) -> LoadedModel:
     """The ONNX Runtime session of a pinned model version, opened once per process and reused by every
     shard it runs (a Dask worker keeps it between tasks). Raises BundleError when this host's file is
     not the pinned version."""
-    key = (pin["bundle"], pin["precision"], pin["onnx_sha256"], int(intra_op_threads))
+    key = (pin["bundle"], pin["precision"], pin["onnx_sha256"], int(intra_op_threads), bool(pin.get("promoted", True)))
     with _models_lock:
         if key not in _models:
-            bundle = load_bundle(pin["bundle"])
+            # Promoted or not as the night saw it at its start, whatever LATEST says by now.
+            bundle = dataclasses.replace(load_bundle(pin["bundle"]), promoted=key[-1])
             model = open_model(bundle, pin["precision"], intra_op_threads=intra_op_threads)
             if (bundle.name, model.onnx_sha256) != (pin["model"], pin["onnx_sha256"]):
                 raise BundleError(
@@ -270,6 +276,7 @@ class _RefusedBundle:
     def __init__(self, pin: dict[str, Any]):
         self.name, self.version, self.card = pin["model"], pin["version"], {"onnx_sha256": pin["onnx_sha256"]}
         self.modality = pin["modality"]
+        self.promoted = bool(pin.get("promoted", True))
 
 
 def score_incoming(incoming: Incoming, input_dir: str | Path, output_dir: str | Path, bundles: list[ModelBundle],
@@ -316,12 +323,26 @@ def night_lock(output_dir: str | Path, ledger: str | None, timeout: float, label
 def run_night(input_dir: str | Path, output_dir: str | Path, exports_dir: str | Path = "exports",
               models: list[str] | None = None, *, batch_size: int = 8, workers: int | None = None,
               precision: str = FP32, settle_seconds: float = 0.0,
-              lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, ledger: str | None = None) -> Path:
-    """The whole night without Prefect, in this process: lock, find, score, publish; returns this run's CSV."""
+              lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, ledger: str | None = None,
+              include_unpromoted: bool = False, page: bool = False,
+              progress: Callable[[str], None] = log.info) -> Path:
+    """The whole night without Prefect, in this process: lock, find, score, publish; returns this run's
+    CSV. With ``page``, the night's HTML page too (``html_report``), as the flow writes it."""
     run_id = str(uuid.uuid4())
     with night_lock(output_dir, ledger, lock_timeout_seconds, f"run {run_id}"):
         stamp = utc_stamp()
         incoming = find_incoming(input_dir, output_dir, settle_seconds, ledger)
-        score_incoming(incoming, input_dir, output_dir, find_bundles(exports_dir, models), run_id,
-                       batch_size=batch_size, workers=workers, precision=precision, ledger=ledger)
-        return publish(output_dir, run_id, stamp, ledger, lock_timeout_seconds)[0]
+        result = score_incoming(incoming, input_dir, output_dir, find_bundles(exports_dir, models, include_unpromoted),
+                                run_id, batch_size=batch_size, workers=workers, precision=precision, ledger=ledger,
+                                progress=progress)
+        night_csv, cumulative = publish(output_dir, run_id, stamp, ledger, lock_timeout_seconds)
+    if page:
+        from lung_models.scoring import html_report
+
+        skipped = sorted({tuple(s) for s in [*incoming.skipped, *result.skipped]})
+        try:
+            written = html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative)
+            progress(f"page: {written}")
+        except Exception as exc:  # noqa: BLE001 - the CSVs are published; the page is not worth the night
+            log.error("night report page not written: %s: %s", type(exc).__name__, exc)
+    return night_csv

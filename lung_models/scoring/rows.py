@@ -24,7 +24,7 @@ from lung_models.bundle import ModelBundle
 from lung_models.fileutil import utc_now
 from lung_models.scoring.items import Item
 
-COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "predicted_class", "probability",
+COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "promoted", "predicted_class", "probability",
            "probabilities", "max_probabilities", "max_slice", "n_inputs", "status", "error", "precision",
            "provider", "scored_utc", "bundle_sha256", "item_kind", "series_uid_hash", "run_id")
 REQUIRED_COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "bundle_sha256", "status")
@@ -42,7 +42,8 @@ def result_row(bundle: ModelBundle, item: Item, *, provider: str = "", precision
     graph that ran (an int8 variant's), by default the bundle's fp32 graph. The ``item_kind`` column
     holds the item's file kind (image, nifti, dicom, dicom_series, refused)."""
     return {"relative_path": item.key, "file_sha256": item.sha256, "model": bundle.name,
-            "model_version": bundle.version, "bundle_sha256": onnx_sha256 or bundle.card["onnx_sha256"],
+            "model_version": bundle.version, "promoted": "yes" if bundle.promoted else "no",
+            "bundle_sha256": onnx_sha256 or bundle.card["onnx_sha256"],
             "item_kind": item.file_kind, "series_uid_hash": item.series_uid_hash, "provider": provider,
             "precision": precision, "scored_utc": utc_now(), "predicted_class": "", "error": "", **values}
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lung_models.bundle import BundleError, ModelBundle
-from lung_models.device import onnx_providers
+from lung_models.device import import_onnxruntime, onnx_providers
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def session_options(intra_op_threads: int | None = None):
     """Every graph optimisation, sequential execution (these are chains of convolutions: parallel
     branches buy nothing), a fixed thread count instead of ORT's guess, and no thread spinning, so
     idle inference threads do not take the cores the decoding workers need."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -75,7 +75,7 @@ def session_options(intra_op_threads: int | None = None):
 
 
 def open_session(path, providers: list[str] | None = None, intra_op_threads: int | None = None):
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     ort.set_default_logger_severity(3)  # the CPU fallback of onnxruntime-gpu is expected, not an error
     return ort.InferenceSession(str(path), sess_options=session_options(intra_op_threads),

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,51 @@ def test_the_tree_sampler_counts_a_child_processs_memory():
         child.start()
         child.join()
     assert memory.peak_gib >= alone + 0.3  # the child's 400 MiB were seen while it held them
+
+
+def _flat(output: str) -> str:
+    """Typer's error box, as one line of words (it wraps long messages inside box-drawing borders)."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+def test_score_refuses_models_with_nothing_to_score_before_any_flow(tmp_path):
+    exports = tmp_path / "exports"
+    (exports / "weak" / "20260101T000000Z").mkdir(parents=True)
+    (exports / "weak" / "20260101T000000Z" / "model_card.json").write_text("{}")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    unknown = runner.invoke(app, ["score", str(tmp_path), str(out), "-m", "nope", "--exports-dir", str(exports)])
+    assert unknown.exit_code == 2 and "no exported bundle of nope" in _flat(unknown.output)
+    assert "it has: weak" in _flat(unknown.output)
+    weak = runner.invoke(app, ["score", str(tmp_path), str(out), "-m", "weak", "--exports-dir", str(exports)])
+    assert weak.exit_code == 2 and "weak: no promoted version" in _flat(weak.output)
+    assert "--include-unpromoted" in _flat(weak.output)
+    assert not out.exists()  # nothing was started
+
+
+def test_train_refuses_bad_arguments_in_one_line_before_any_flow(tmp_path):
+    runner = CliRunner()
+    work = tmp_path / "work"
+    cases = [(["--source", "kagle"], "'kagle' is not a source; use one of generated, kaggle, url, local"),
+             (["--profile", "ful"], "'ful' is not a profile; use one of demo, full, tuned"),
+             (["--source", "local"], "--source local needs --data-dir"),
+             (["--source", "local", "--data-dir", str(tmp_path / "nope")], "nope: no such folder"),
+             (["--data-dir", str(tmp_path)], "--data-dir is only read with --source local"),
+             (["--weights", str(tmp_path / "w.h5")], "w.h5: no such weights file")]
+    for args, message in cases:
+        result = runner.invoke(app, ["train", "--work-dir", str(work), *args])
+        assert result.exit_code == 2 and message in _flat(result.output), (args, result.output)
+    assert not work.exists()
+
+
+def test_score_refuses_a_missing_input_folder_before_touching_the_output(tmp_path):
+    result = CliRunner().invoke(app, ["score", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "nope: no such folder" in _flat(result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_are_listed_in_aligned_columns():
+    result = CliRunner().invoke(app, ["models"])
+    lines = result.output.splitlines()
+    starts = {line.index(registry.get(line.split()[0]).spec.modality) for line in lines[1:]}
+    assert len(lines) == len(registry.names()) + 1 and len(starts) == 1

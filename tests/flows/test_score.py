@@ -114,6 +114,17 @@ def test_score_flow_without_shared_data_still_scores_generated_and_corrupt(facto
     check_report(_score(factory, folder, tmp_path / "reports"), expected, factory, folder)
 
 
+def _run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[flow_run_id])))]
+
+
 # The scorer reads only the card and the ONNX graphs; the Keras files and plots are most of a copy.
 SCORER_UNUSED = shutil.ignore_patterns("*.keras", "*.png")
 
@@ -136,10 +147,12 @@ def test_score_flow_survives_a_broken_graph_a_dangling_latest_and_a_huge_image(f
     folder.mkdir()
     Image.fromarray(phantoms.ct_slice("normal", np.random.default_rng(1), size=128)).save(folder / "slice.png")
     Image.new("L", (20000, 10000)).save(folder / "huge.png")  # > PIL's decompression-bomb limit
-    csv = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports),
-                       settle_seconds=0)
-    df = pd.read_csv(csv, keep_default_na=False)
+    state = score_folder(input_dir=str(folder), output_dir=str(tmp_path / "out"), exports_dir=str(exports),
+                         settle_seconds=0, return_state=True)
+    df = pd.read_csv(state.result(), keep_default_na=False)
     assert "chest-chained" not in set(df.model)  # skipped with a logged error, not a crash
+    # ... logged by the library (lung_models.bundle), and that line reached the flow run in Prefect.
+    assert any("skipping" in m and "chest-chained" in m for m in _run_logs(state.state_details.flow_run_id))
     cnn = df[df.model == "chest-cnn"]
     assert set(cnn.status) == {"error"} and all("model refused" in e for e in cnn.error)
     huge = df[(df.relative_path == "huge.png") & (df.model != "chest-cnn")]
@@ -166,3 +179,27 @@ def test_score_flow_reports_a_refused_model_and_still_scores_with_the_others(fac
     tiles = df[df.model == "lc25000-cnn"]
     assert len(tiles) == 2 and set(tiles.status) == {"ok"}
     assert set(df[df.model != "mosmed-3dcnn"].status) == {"ok"}
+
+
+def test_the_night_scores_promoted_bundles_and_the_demo_also_the_others_marked(factory, tmp_path):
+    from PIL import Image
+
+    from flows.score import score_folder
+
+    exports = tmp_path / "exports"
+    shutil.copytree(factory["exports"], exports, ignore=SCORER_UNUSED)
+    (exports / "chest-cnn" / "LATEST").unlink()  # exported, never promoted
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    Image.fromarray(phantoms.ct_slice("normal", np.random.default_rng(3), size=128)).save(folder / "slice.png")
+
+    nightly = pd.read_csv(score_folder(input_dir=str(folder), output_dir=str(tmp_path / "nightly"),
+                                       exports_dir=str(exports), settle_seconds=0), keep_default_na=False)
+    assert "chest-cnn" not in set(nightly.model) and len(nightly) == 4  # the other 2-D CT models
+    assert set(nightly.promoted) == {"yes"}
+
+    demo = pd.read_csv(score_folder(input_dir=str(folder), output_dir=str(tmp_path / "demo"), exports_dir=str(exports),
+                                    settle_seconds=0, include_unpromoted=True), keep_default_na=False)
+    cnn = demo[demo.model == "chest-cnn"]
+    assert len(cnn) == 1 and cnn.promoted.iloc[0] == "no" and cnn.status.iloc[0] == "ok"
+    assert set(demo[demo.model != "chest-cnn"].promoted) == {"yes"}

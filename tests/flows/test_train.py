@@ -23,7 +23,7 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
     path = Path(factory["bundles"][name])
     bundle = load_bundle(path)
     for f in ("model.onnx", "model_card.json", "metrics.json", "split_manifest.json", "history.json",
-              "training_curves.png", "confusion_matrix.png", "model.keras"):
+              "training_curves.png", "confusion_matrix.png", "roc.png", "model.keras"):
         assert (path / f).is_file(), f
     card = bundle.card
     assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
@@ -37,6 +37,21 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
     assert 0 <= metrics["accuracy_ci95_wilson"][0] <= metrics["accuracy"] <= metrics["accuracy_ci95_wilson"][1]
     assert set(metrics["per_class"]) == set(card["model"]["class_names"])
     assert (path.parent / LATEST).read_text().strip() == path.name
+    # What a reader of the card needs besides the numbers: the data's citation, the code, the intended use.
+    assert card["model"]["dataset_citation"] == registry.get(name).spec.dataset.citation != ""
+    assert "not for clinical" in card["intended_use"]
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert card["code"]["commit"].split("+")[0] == head.stdout.strip() != ""
+    # The export promoted the bundle exactly when its gate, recomputed here from the card, passed.
+    from lung_models import promotion
+
+    verdict = promotion.gate(metrics, card["parity"])
+    assert card["promotion"] == verdict
+    assert factory["promoted_at_export"][name] == (path.name if verdict["passed"] else None)
+    chance = max(c["support"] for c in metrics["per_class"].values()) / metrics["n"]
+    assert verdict["passed"] == (metrics["accuracy_ci95_wilson"][0] > chance)
     props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
     assert props["model_name"] == name and props["version"] == card["version"]
     assert json.loads(props["class_names"]) == card["model"]["class_names"]

@@ -19,7 +19,7 @@ _MAX_RETRY_AFTER = 60.0
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class _TransientError(Exception):
+class TransientDownloadError(Exception):
     """A failure worth retrying (5xx, 408/429, cut connection, timeout)."""
 
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
@@ -111,7 +111,7 @@ def _download_to_part(
                 _download_attempt(session, url, part, timeout=timeout, progress=progress)
                 return
             except (
-                _TransientError,
+                TransientDownloadError,
                 requests.ConnectionError,
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
@@ -120,7 +120,7 @@ def _download_to_part(
                 if attempt == attempts:
                     break
                 delay = backoff * 2 ** (attempt - 1)
-                if isinstance(exc, _TransientError) and exc.retry_after is not None:
+                if isinstance(exc, TransientDownloadError) and exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, _MAX_RETRY_AFTER))
                 say(progress, f"{url}: {_reason(exc)}; retry {attempt} of {attempts - 1} in {delay:.1f} s")
                 time.sleep(delay)
@@ -152,9 +152,9 @@ def _download_attempt(
             if total == offset:  # the .part was already complete; only the rename was missing
                 return
             part.unlink()
-            raise _TransientError(f"server refused to resume at byte {offset}; restarting from zero")
+            raise TransientDownloadError(f"server refused to resume at byte {offset}; restarting from zero")
         if status in _RETRY_STATUSES or status >= 500:
-            raise _TransientError(f"HTTP {status} {response.reason}", _retry_after(response))
+            raise TransientDownloadError(f"HTTP {status} {response.reason}", _retry_after(response))
         if status not in (200, 206):
             raise DataSourceError(f"{url}: HTTP {status} {response.reason}; {_http_fix(status)}")
 
@@ -163,7 +163,7 @@ def _download_attempt(
             start = _content_range_start(response.headers.get("Content-Range"))
             if start != offset:
                 part.unlink()
-                raise _TransientError(f"server resumed at byte {start}, not {offset}; restarting from zero")
+                raise TransientDownloadError(f"server resumed at byte {start}, not {offset}; restarting from zero")
             mode = "ab"
             say(progress, f"{url}: resuming at {_size(offset)}")
         else:
@@ -193,7 +193,7 @@ def _download_attempt(
                 handle.flush()
                 os.fsync(handle.fileno())
         if total is not None and written < total:
-            raise _TransientError(f"connection closed after {_size(written)} of {_size(total)}")
+            raise TransientDownloadError(f"connection closed after {_size(written)} of {_size(total)}")
 
 
 def _http_fix(status: int) -> str:
@@ -223,7 +223,7 @@ def _content_range_total(header: str | None) -> int | None:
 
 
 def _reason(exc: Exception | None) -> str:
-    if isinstance(exc, _TransientError):
+    if isinstance(exc, TransientDownloadError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
