@@ -42,7 +42,7 @@ def _check_exported(names: list[str] | None, exports_dir: str, include_unpromote
     from lung_models.bundle import LATEST, newest_version
 
     root = Path(exports_dir)
-    exported = sorted(p.name for p in root.iterdir() if newest_version(root, p.name)) if root.is_dir() else []
+    exported = [name for name in _exported_models(exports_dir) if newest_version(root, name)]
     unknown = [name for name in names or [] if name not in exported]
     if unknown:
         raise typer.BadParameter(f"no exported bundle of {', '.join(unknown)} in {root.resolve()} (it has: "
@@ -54,7 +54,16 @@ def _check_exported(names: list[str] | None, exports_dir: str, include_unpromote
                                  "promote one or pass --include-unpromoted", param_hint="--models")
 
 
-SOURCES = ("generated", "kaggle", "url", "local")
+def _require_onnxruntime(hint: str) -> None:
+    from lung_models.device import RuntimeMissing, import_onnxruntime
+
+    try:
+        import_onnxruntime()
+    except RuntimeMissing as exc:
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+
+
+SOURCES = ("generated", "kaggle", "url", "local")  # data.sources.SOURCE_KINDS (checked in a test), without importing it
 PROFILES = ("demo", "full", "tuned")
 
 
@@ -62,12 +71,7 @@ def _check_training_arguments(models: list[str] | None, profile: str | None, sou
                               weights: str | None) -> str:
     """Refuse bad training arguments in one line before any flow, download or server starts; returns
     the profile (a real data set is never trained with the demo profile unless asked for)."""
-    from lung_models.device import RuntimeMissing, import_onnxruntime
-
-    try:
-        import_onnxruntime()  # the export's parity check runs the graph: fail now, not after hours of training
-    except RuntimeMissing as exc:
-        raise typer.BadParameter(str(exc), param_hint="train") from None
+    _require_onnxruntime("train")  # the export's parity check runs the graph: fail now, not after hours of training
     if source not in SOURCES:
         raise typer.BadParameter(f"{source!r} is not a source; use one of {', '.join(SOURCES)}", param_hint="--source")
     if profile is None:
@@ -169,13 +173,9 @@ def score(input_dir: str, output_dir: str,
         if workers > 1 or dask_address:
             raise typer.BadParameter("--workers > 1 and --dask-address run shards on Dask through the flow; "
                                      "leave out --no-prefect", param_hint="--no-prefect")
-        from lung_models.device import RuntimeMissing, import_onnxruntime
         from lung_models.scoring.night import run_night
 
-        try:
-            import_onnxruntime()
-        except RuntimeMissing as exc:
-            raise typer.BadParameter(str(exc), param_hint="--no-prefect") from None
+        _require_onnxruntime("--no-prefect")
         typer.echo(run_night(input_dir, output_dir, exports_dir, models, batch_size=batch_size, workers=decode_threads,
                              precision=precision, settle_seconds=settle_seconds, ledger=ledger,
                              lock_timeout_seconds=lock_timeout_seconds, include_unpromoted=include_unpromoted,

@@ -101,12 +101,20 @@ def latest_version(exports_root: str | Path, model_name: str) -> Path | None:
     return path
 
 
+def exported_versions(model_dir: str | Path) -> list[str]:
+    """Complete bundles of a model, oldest first (versions are UTC times and sort as such; a staging
+    folder starts with '.', and a folder without a card is not a bundle)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(p.name for p in model_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / CARD).is_file())
+
+
 def newest_version(exports_root: str | Path, model_name: str) -> Path | None:
-    """The most recent complete export of a model, promoted or not (versions sort by time)."""
-    model_dir = Path(exports_root) / model_name
-    versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and (p / CARD).is_file()) if model_dir.is_dir() else []
-    return versions[-1] if versions else None
+    """The most recent complete export of a model, promoted or not."""
+    versions = exported_versions(Path(exports_root) / model_name)
+    return Path(exports_root) / model_name / versions[-1] if versions else None
 
 
 def latest_bundles(exports_root: str | Path, names: list[str] | None = None,

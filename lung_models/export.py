@@ -14,7 +14,7 @@ import numpy as np
 
 from lung_models import preprocess, promotion
 from lung_models.bundle import CARD, ONNX
-from lung_models.fileutil import _umask, atomic_write_json, sha256_file, utc_now, utc_stamp
+from lung_models.fileutil import atomic_write_json, current_umask, sha256_file, utc_now, utc_stamp
 from lung_models.registry import ModelSpec
 
 OPSET = 17
@@ -171,7 +171,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
     fn = probability_function(model, spec.output, input_shape)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     # mkdtemp makes it 0700; a bundle is read by other service accounts (the scoring worker's group).
-    os.chmod(staging, 0o777 & ~_umask())
+    os.chmod(staging, 0o777 & ~current_umask())
     final: Path | None = None
     try:
         onnx_path = staging / ONNX

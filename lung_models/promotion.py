@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lung_models.bundle import CARD, LATEST, BundleError, load_bundle
+from lung_models.bundle import CARD, LATEST, BundleError, exported_versions, load_bundle
 from lung_models.fileutil import atomic_write_text, utc_now
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,6 @@ def gate(metrics: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
 def promoted_version(model_dir: Path) -> str | None:
     pointer = model_dir / LATEST
     return pointer.read_text().strip() or None if pointer.is_file() else None
-
-
-def exported_versions(model_dir: Path) -> list[str]:
-    """Complete bundles of a model, oldest first (versions are UTC times and sort as such)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(p.name for p in model_dir.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / CARD).is_file())
 
 
 def history(model_dir: Path) -> list[dict[str, Any]]:

@@ -115,32 +115,33 @@ def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, sc
         lines += [f"- `{rel.replace('`', chr(39))}`: {why}" for rel, why in skipped_all[:200]]
         if len(skipped_all) > 200:
             lines.append(f"- ... and {len(skipped_all) - 200} more (the flow run's log lists every one)")
-    page = _html_report(output_dir, input_dir, night_csv, stamp, skipped_all, cumulative)
+    summary = html_report.summarise(night_csv)  # read once, for the page and the table artifacts
+    page = _html_report(output_dir, input_dir, night_csv, stamp, skipped_all, cumulative, summary)
     if page:
         lines[5:5] = [f"- the page to read: [{page.name}]({page.resolve().as_uri()})"]
     create_markdown_artifact(key="nightly-scoring-report", markdown="\n".join(lines),
                              description=f"scores written to {night_csv}")
-    _table_artifacts(night_csv, skipped_all)
+    _table_artifacts(night_csv, summary, skipped_all)
     say(f"report: {night_csv} (cumulative: {cumulative}; page: {page}); {len(skipped_all)} entries not scored "
         "this run (listed in the nightly-scoring-report artifact)")
     return {"night": str(night_csv), "cumulative": str(cumulative), "page": str(page or "")}
 
 
 def _html_report(output_dir: str, input_dir: str, night_csv, stamp: str, skipped: list[tuple[str, str]],
-                 cumulative) -> Any:
+                 cumulative, summary: dict[str, Any]) -> Any:
     """The night's HTML page; a failure to draw it is logged and costs the page, never the night (its
     CSVs are already published)."""
     try:
-        return html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative)
+        return html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative,
+                                              summary=summary)
     except Exception as exc:  # noqa: BLE001
         run_logger().error("night report page not written: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def _table_artifacts(night_csv, skipped: list[tuple[str, str]], limit: int = 500) -> None:
+def _table_artifacts(night_csv, summary: dict[str, Any], skipped: list[tuple[str, str]], limit: int = 500) -> None:
     """Two tables in the Prefect UI: counts per model and status, and the files not scored or refused
     with the reason (at most ``limit`` rows each; the CSV and the page hold them all)."""
-    summary = html_report.summarise(night_csv)
     flagged = Counter(r["model"] for r in summary["flagged"])
     create_table_artifact(key="nightly-scoring-counts", description=f"rows of {night_csv.name} by model and status",
                           table=[{"model": m, **{s: c.get(s, 0) for s in html_report.STATUSES},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from lung_models import registry
 from lung_models.bundle import latest_bundles, load_bundle
+from lung_models.fileutil import current_umask
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -57,12 +57,6 @@ def test_parity_check_fails_on_nan_and_on_disagreement():
     assert not check_parity(Fn(), Session(good + 2e-4), x, params)["passed"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _metrics(accuracy: float, low: float, supports: tuple[int, ...]) -> dict:
     n = sum(supports)
     return {"n": n, "accuracy": accuracy, "accuracy_ci95_wilson": [low, min(1.0, accuracy + 0.05)],
@@ -86,7 +80,7 @@ def test_a_second_export_is_a_new_version_and_latest_moves_only_past_the_gate(fa
     assert new.name != src.name and (exports / "lc25000-cnn" / src.name / "model.onnx").is_file()
     assert latest_bundles(exports)["lc25000-cnn"].path == new and load_bundle(new).promoted
     assert any("promoted" in m and new.name in m for m in said)
-    assert new.stat().st_mode & 0o777 == 0o777 & ~_umask()  # readable by the scoring service's group
+    assert new.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # readable by the scoring service's group
 
     # Test accuracy whose 95% interval reaches chance (the share of the largest class, 0.6 here) is
     # exported, not promoted: LATEST stays, and the export says so.

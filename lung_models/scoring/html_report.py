@@ -116,10 +116,11 @@ def summarise(night_csv: Path) -> dict[str, Any]:
 
 def write_night_report(output_dir: str | Path, input_dir: str | Path, night_csv: str | Path, stamp: str,
                        skipped: list[tuple[str, str]] | None = None, cumulative: str | Path | None = None,
-                       max_thumbnails: int = MAX_THUMBNAILS) -> Path:
-    """Write ``report-<stamp>.html`` beside the night's CSV; returns its path."""
+                       max_thumbnails: int = MAX_THUMBNAILS, summary: dict[str, Any] | None = None) -> Path:
+    """Write the night's page beside its CSV (``page_name``); returns its path. ``summary``: the CSV's
+    ``summarise`` when the caller has it already."""
     out, inp, night_csv = Path(output_dir), Path(input_dir), Path(night_csv)
-    summary = summarise(night_csv)
+    summary = summary if summary is not None else summarise(night_csv)
     thumbs: dict[tuple[str, str, str], str] = {}  # one picture per scan and slice, shared by the models
     shown = 0
     for row in summary["flagged"]:

@@ -126,3 +126,10 @@ def test_models_are_listed_in_aligned_columns():
     lines = result.output.splitlines()
     starts = {line.index(registry.get(line.split()[0]).spec.modality) for line in lines[1:]}
     assert len(lines) == len(registry.names()) + 1 and len(starts) == 1
+
+
+def test_the_cli_offers_the_data_layers_sources():
+    from flows.cli import SOURCES
+    from lung_models.data.sources import SOURCE_KINDS
+
+    assert set(SOURCES) == set(SOURCE_KINDS)

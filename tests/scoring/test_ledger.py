@@ -439,7 +439,7 @@ def test_atomic_writer_keeps_old_file_on_failure(tmp_path):
     with atomic_writer(target) as fh:
         fh.write("new\n")
     assert target.read_text() == "new\n"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~fileutil._umask()  # not mkstemp's 0600
+    assert target.stat().st_mode & 0o777 == 0o666 & ~fileutil.current_umask()  # not mkstemp's 0600
 
 
 def test_csv_never_observed_partial(ledger, monkeypatch):
