@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -155,6 +156,8 @@ def score(input_dir: str, output_dir: str,
           precision: str = typer.Option("fp32", help="fp32 | int8 | auto (int8 where its export gate passed)"),
           include_unpromoted: bool = typer.Option(False, help="score each model's newest export even where it "
                                                   "did not pass its promotion gate (rows say promoted=no)"),
+          explain: bool = typer.Option(False, help="a Grad-CAM heat map of every flagged scan, under "
+                                       "OUTPUT_DIR/heatmaps (needs the train extra: the bundles' Keras models)"),
           no_prefect: bool = typer.Option(False, "--no-prefect", help="score in this process without Prefect: "
                                           "no temporary server to start, no run in the UI (one host, no Dask)"),
           ) -> None:
@@ -169,6 +172,13 @@ def score(input_dir: str, output_dir: str,
         raise typer.BadParameter("use fp32, int8 or auto", param_hint="--precision")
     if ledger and ledger != "sqlite" and not is_postgres_url(ledger):
         raise typer.BadParameter("use sqlite or a postgresql://user@host:port/database URL", param_hint="--ledger")
+    if explain:
+        from lung_models.explain import ExplainUnavailable, require_tensorflow
+
+        try:
+            require_tensorflow()
+        except ExplainUnavailable as exc:
+            raise typer.BadParameter(str(exc), param_hint="--explain") from None
     if no_prefect:
         if workers > 1 or dask_address:
             raise typer.BadParameter("--workers > 1 and --dask-address run shards on Dask through the flow; "
@@ -179,13 +189,13 @@ def score(input_dir: str, output_dir: str,
         typer.echo(run_night(input_dir, output_dir, exports_dir, models, batch_size=batch_size, workers=decode_threads,
                              precision=precision, settle_seconds=settle_seconds, ledger=ledger,
                              lock_timeout_seconds=lock_timeout_seconds, include_unpromoted=include_unpromoted,
-                             page=True, progress=lambda m: typer.echo(m, err=True)))
+                             page=True, explain=explain, progress=lambda m: typer.echo(m, err=True)))
         return
     typer.echo(score_folder(input_dir=input_dir, output_dir=output_dir, models=models, exports_dir=exports_dir,
                             batch_size=batch_size, settle_seconds=settle_seconds,
                             lock_timeout_seconds=lock_timeout_seconds, workers=workers, dask_address=dask_address,
                             ledger=ledger, decode_threads=decode_threads, precision=precision,
-                            include_unpromoted=include_unpromoted))
+                            include_unpromoted=include_unpromoted, explain=explain))
 
 
 bundles_app = typer.Typer(no_args_is_help=True, help="List, promote, roll back and prune exported model versions "
@@ -288,6 +298,10 @@ def summary_rows(name: str, card: dict) -> list[str]:
     choice = (card["training"].get("finalize") or {}).get("summary")
     if choice:
         rows.append(f"{'':26s} ^ {choice}")
+    if card.get("calibration"):
+        from lung_models.calibration import summary
+
+        rows.append(f"{'':26s} ^ {summary(card['calibration'])} (reliability.png)")
     int8 = card.get("int8")
     if int8:
         rows.append(f"{'':26s} ^ int8 variant {'usable' if int8['usable'] else 'not used'}: {int8['reason']}")
@@ -318,7 +332,7 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
         # The demo wrote these files a moment ago: no settling time (the nightly default waits 60 s). It
         # scores with every model, the ones that failed their gate too (their rows say promoted=no).
         report = score_folder(input_dir=str(incoming), output_dir=str(Path(work_dir) / "reports"),
-                              exports_dir=exports_dir, settle_seconds=0, include_unpromoted=True)
+                              exports_dir=exports_dir, settle_seconds=0, include_unpromoted=True, explain=True)
     typer.echo("\n=== demo summary (generated data, demo profile) ===")
     typer.echo(f"{'model':26s} {'train acc/loss':>15s} {'val acc/loss':>15s} {'test acc/loss':>15s}  test 95% CI")
     cards = {name: load_bundle(path).card for name, path in bundles.items()}
@@ -338,6 +352,16 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
 
     page = Path(report).with_name(page_name(report))
     typer.echo(f"night page:     {page if page.is_file() else '(not written: see the log)'}")
+    from lung_models.explain import HEATMAP_DIR
+
+    with open(report, newline="") as handle:
+        count = sum(1 for row in csv.DictReader(handle) if row.get("heatmap"))
+    typer.echo(f"heat maps:      {count} Grad-CAM overlays of tonight's flagged scans under "
+               f"{Path(report).parent / HEATMAP_DIR}")
+    drift_file = Path(report).parent / "drift.json"
+    if drift_file.is_file():
+        verdicts = json.loads(drift_file.read_text())["models"]
+        typer.echo(f"drift:          {drift_file}: " + ", ".join(f"{m} {v['status']}" for m, v in verdicts.items()))
     typer.echo(f"wall time:      {time.perf_counter() - started:.0f} s")
     typer.echo(f"peak memory:    {peak_memory_line(memory.peak_gib)}")
 

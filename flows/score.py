@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from lung_models import progress as bars
 from lung_models.device import import_onnxruntime
+from lung_models.explain import require_tensorflow
 from lung_models.fileutil import utc_stamp
 from lung_models.scoring import DEFAULT_LOCK_TIMEOUT, DEFAULT_SETTLE_SECONDS, Item, night
 from lung_models.scoring.database import is_postgres_url, redact
@@ -75,24 +79,71 @@ def score_shards(items: list[dict[str, Any]], settings: dict[str, Any], runner) 
             + (", ".join(f"{h} ({n} slots)" for h, n in slots.items()) or "this process"))
         results: list[dict[str, Any]] = []
         failed: list[str] = []
-        for attempt in range(1, SHARD_ATTEMPTS + 1):
-            # Plain parameters: TaskRunner.submit does not unwrap quote(); a shard is small enough to walk.
-            futures = {sid: runner.submit(score_shard, {"shard_id": sid, "items": shard, "settings": settings})
-                       for sid, shard in pending.items()}
-            retry = {}
-            for sid, future in futures.items():
-                try:
-                    results.append(future.result())
-                except Exception as exc:  # noqa: BLE001 - a lost worker fails its shard, not the night
-                    if attempt < SHARD_ATTEMPTS:
-                        retry[sid] = pending[sid]
-                    else:
-                        failed.append(f"{sid}: {type(exc).__name__}: {exc}")
-                    say(f"shard {sid} failed (attempt {attempt}): {type(exc).__name__}: {exc}")
-            pending = retry
-            if not pending:
-                break
+        watch = _ShardProgress(len(items), len(pending), settings.get("input_dir", ""))
+        try:
+            _run_shards(runner, pending, settings, results, failed, watch)
+        finally:
+            watch.finish()
     return {"shards": results, "failed": failed}
+
+
+def _run_shards(runner, pending: dict[str, list[dict[str, Any]]], settings: dict[str, Any],
+                results: list[dict[str, Any]], failed: list[str], watch: _ShardProgress) -> None:
+    """Submit the shards; a shard whose task failed once is submitted again."""
+    for attempt in range(1, SHARD_ATTEMPTS + 1):
+        # Plain parameters: TaskRunner.submit does not unwrap quote(); a shard is small enough to walk.
+        futures = {runner.submit(score_shard, {"shard_id": sid, "items": shard, "settings": settings}): sid
+                   for sid, shard in pending.items()}
+        retry = {}
+        for future in as_completed(list(futures)):  # as they end, so the progress moves with the night
+            sid = futures[future]
+            try:
+                results.append(future.result())
+                watch.done(len(pending[sid]))
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails its shard, not the night
+                if attempt < SHARD_ATTEMPTS:
+                    retry[sid] = pending[sid]
+                else:
+                    failed.append(f"{sid}: {type(exc).__name__}: {exc}")
+                    watch.done(len(pending[sid]), failed=True)
+                say(f"shard {sid} failed (attempt {attempt}): {type(exc).__name__}: {exc}")
+        pending = retry
+        if not pending:
+            break
+
+
+class _ShardProgress:
+    """How far the night's scoring is: a bar in a terminal and the ``nightly-scoring-progress``
+    artifact on the flow run (the share of items whose shard has ended), moved as shards end."""
+
+    def __init__(self, items: int, shards: int, input_dir: str):
+        self.items, self.ended, self.failed = items, 0, 0
+        in_shards = f"{shards} shard{'' if shards == 1 else 's'}"
+        self.bar = bars.start(f"scoring {items} items in {in_shards}", items, unit="items")
+        self.description = f"items of {Path(input_dir).name or input_dir} scored, by shards ended ({in_shards})"
+        self.artifact = self._publish(create=True)
+
+    def done(self, items: int, failed: bool = False) -> None:
+        self.ended += items
+        self.failed += items if failed else 0
+        self.bar.advance(items)
+        self._publish()
+
+    def finish(self) -> None:
+        self.bar.finish()
+
+    def _publish(self, create: bool = False):
+        share = 100.0 * self.ended / self.items if self.items else 100.0
+        note = f"; {self.failed} in shards that failed twice" if self.failed else ""
+        try:
+            if create:
+                return create_progress_artifact(share, key="nightly-scoring-progress",
+                                                description=self.description + note)
+            if self.artifact is not None:
+                update_progress_artifact(self.artifact, share, description=self.description + note)
+        except Exception as exc:  # noqa: BLE001 - a lost progress update must not cost the night
+            say(f"progress artifact not updated: {type(exc).__name__}: {exc}")
+        return None
 
 
 def night_run_name() -> str:
@@ -107,7 +158,7 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
                  batch_size: int = 8, settle_seconds: float = DEFAULT_SETTLE_SECONDS,
                  lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, workers: int | None = 1,
                  dask_address: str | None = None, ledger: str | None = None, decode_threads: int | None = None,
-                 precision: str = "fp32", include_unpromoted: bool = False) -> str:
+                 precision: str = "fp32", include_unpromoted: bool = False, explain: bool = False) -> str:
     """Score what the ledger has not seen; write this run's CSV (returned) and keep
     ``scores-cumulative.csv`` current. Files modified less than ``settle_seconds`` ago are left for
     a later run. ``workers`` > 1 scores on a local Dask cluster of that many processes,
@@ -116,10 +167,14 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
     postgresql:// URL (runs and hosts share the night). ``decode_threads`` per shard feed inference
     (default: half the shard's cores). ``precision`` fp32, int8 or auto (the int8 variant where the
     export's gate passed it). Each model's promoted version (``LATEST``) is scored; with
-    ``include_unpromoted`` its newest export instead, promoted or not, the rows saying which."""
+    ``include_unpromoted`` its newest export instead, promoted or not, the rows saying which. With
+    ``explain``, each flagged scan gets a Grad-CAM heat map under ``output_dir/heatmaps`` (needs
+    TensorFlow, the ``train`` extra), named in its row's ``heatmap``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     import_onnxruntime()  # a host without it fails here, naming the extra, before the output folder is touched
+    if explain and not (dask_address or (workers or 1) > 1):
+        require_tensorflow()  # shards run here: say now; a cluster's workers say it per shard (rows still scored)
     workers = 1 if workers is None else workers  # a deployment made before workers meant Dask processes
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -141,9 +196,10 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
         pinned = pin_models(quote(incoming), str(out), str(Path(exports_dir).resolve()), models, precision, ledger,
                             run_id, include_unpromoted)
         settings = night.ShardSettings(inp, str(out), run_id, pinned["pins"], ledger=ledger, batch_size=batch_size,
-                                       decode_threads=decode_threads).as_dict()
+                                       decode_threads=decode_threads, explain=explain).as_dict()
         scored = score_shards(incoming["items"], settings, shard_runner(workers, dask_address))
-        report = publish_reports(str(out), inp, run_id, stamp, quote({**scored, "refused": pinned["refused"]}),
+        report = publish_reports(str(out), inp, run_id, stamp, quote({**scored, "refused": pinned["refused"],
+                                                                        "pins": pinned["pins"]}),
                                  quote(incoming["skipped"]), ledger, lock_timeout_seconds)
     if scored["failed"]:
         raise RuntimeError(f"{len(scored['failed'])} shard(s) failed twice; what they recorded is published in "

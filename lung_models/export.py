@@ -25,10 +25,14 @@ class ParityError(RuntimeError):
     pass
 
 
-def probability_function(model, output_kind: str, input_shape: tuple[int, ...]):
+def probability_function(model, output_kind: str, input_shape: tuple[int, ...], temperature: float | None = None):
     """A ``tf.function`` of the inference graph (``training=False``: augmentation and dropout off)
-    that returns one probability per class, whatever the model's own output layer."""
+    that returns one probability per class, whatever the model's own output layer. With a
+    ``temperature``, the calibrated probabilities ``softmax(log(p) / T)`` (``calibration``), so the
+    exported graph gives the scorer calibrated probabilities."""
     import tensorflow as tf
+
+    from lung_models.calibration import EPS
 
     @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32, name="input")])
     def probabilities(x):
@@ -37,6 +41,8 @@ def probability_function(model, output_kind: str, input_shape: tuple[int, ...]):
             y = tf.concat([1.0 - y, y], axis=1)
         elif output_kind == "logits":
             y = tf.nn.softmax(y, axis=1)
+        if temperature is not None:
+            y = tf.nn.softmax(tf.math.log(tf.clip_by_value(y, EPS, 1.0)) / float(temperature), axis=1)
         return tf.identity(y, name="probabilities")
 
     return probabilities
@@ -154,21 +160,23 @@ def _versions() -> dict[str, str]:
 def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[str, Any],
                   exports_root: Path, card_extra: dict[str, Any], files: dict[str, Path],
                   progress: Callable[[str], None] = print, test_y: np.ndarray | None = None,
-                  calib_x: np.ndarray | None = None) -> Path:
+                  calib_x: np.ndarray | None = None, temperature: float | None = None) -> Path:
     """Convert, check parity on the test arrays, write the bundle, then point LATEST at it if it
     passed its promotion gate (``promotion.gate``; otherwise it is exported but not promoted).
 
     ``params`` is the preprocessing that produced ``test_x`` (the spec's, or a test's smaller
     size); it goes into the card unchanged so the scorer reproduces it. ``files`` are copied into
     the bundle under their keys (metrics, plots, split manifest, checkpoint...). With ``test_y`` and
-    ``calib_x`` (training inputs) an int8 variant is made and gated too (see ``quantize``).
+    ``calib_x`` (training inputs) an int8 variant is made and gated too (see ``quantize``). With a
+    ``temperature`` (``calibration.calibrate``, recorded by the caller in ``card_extra``) the graph
+    outputs calibrated probabilities, and parity is checked on those.
     """
     import onnx
 
     model_dir = Path(exports_root) / spec.name
     model_dir.mkdir(parents=True, exist_ok=True)
     input_shape = tuple(int(d) for d in test_x.shape[1:])
-    fn = probability_function(model, spec.output, input_shape)
+    fn = probability_function(model, spec.output, input_shape, temperature)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     # mkdtemp makes it 0700; a bundle is read by other service accounts (the scoring worker's group).
     os.chmod(staging, 0o777 & ~current_umask())
@@ -209,7 +217,8 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
             "input": {"name": session.get_inputs()[0].name, "shape": [None, *input_shape],
                       "dtype": "float32", "layout": params.get("layout", "")},
             "output": {"name": session.get_outputs()[0].name,
-                       "meaning": "probability per class, in class_names order"},
+                       "meaning": "probability per class, in class_names order"
+                       + (f", calibrated (temperature scaling, T = {temperature:.4f})" if temperature else "")},
             "preprocessing": params,
             "parity": parity,
             "software": _versions(),
@@ -233,6 +242,8 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
         card["onnx_sha256"] = sha256_file(onnx_path)
         for name, src in files.items():
             shutil.copy2(src, staging / name)
+        # What the export wrote, so a reader (the heat maps' loader of model.keras) can tell it unchanged.
+        card["files"] = {name: {"sha256": sha256_file(staging / name)} for name in sorted(files)}
         atomic_write_json(staging / CARD, card)
         os.rename(staging, final)  # replaces the empty reserved folder: the bundle appears whole
     except BaseException:

@@ -155,6 +155,8 @@ REGISTRY: dict[str, RegisteredModel] = {}
 
 # The package of the model families: importing a family module registers its models.
 FAMILIES_PACKAGE = "lung_models.models"
+# Custom Keras layers and models of the families, imported by their builders and by checkpoint loading.
+KERAS_MODULE = f"{FAMILIES_PACKAGE}.blocks"
 
 
 def register(spec: ModelSpec, finalize: Callable[..., Any] | None = None
@@ -190,10 +192,13 @@ def training_order(names: list[str]) -> list[str]:
 
 def load_all() -> dict[str, RegisteredModel]:
     """Import every module of :data:`FAMILIES_PACKAGE` (each family registers its models) and
-    return the registry. Shared modules there (blocks, pretrained weights) register nothing."""
+    return the registry. Shared modules there (pretrained weights, tuned recipes) register nothing;
+    the Keras one (:data:`KERAS_MODULE`) is left to the builders that use it, so listing the models
+    and reading their specs needs no TensorFlow (a scoring-only install has none)."""
     package = importlib.import_module(FAMILIES_PACKAGE)
     for module in pkgutil.iter_modules(package.__path__, f"{FAMILIES_PACKAGE}."):
-        importlib.import_module(module.name)
+        if module.name != KERAS_MODULE:
+            importlib.import_module(module.name)
     return REGISTRY
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lung_models import augment, preprocess
+from lung_models import progress as bars
 from lung_models.data.datasets import PreparedData
 from lung_models.device import configure_tensorflow
 from lung_models.fileutil import atomic_write_json
@@ -160,16 +162,37 @@ def make_optimizer(recipe: TrainingRecipe, steps_per_epoch: int = 1):
 
 
 class _ProgressLog:
-    """A Keras callback that reports each epoch as one readable line."""
+    """A Keras callback that reports each epoch as one readable line and, in a terminal, draws bars
+    of the epochs and of the current epoch's batches (no extra log lines elsewhere: plain=False)."""
 
     def __new__(cls, name: str, epochs: int, say: Callable[[str], None]):
         import keras
 
         class ProgressLog(keras.callbacks.Callback):
+            epoch_bar = batch_bar = None
+
+            def finish(self):  # also when fit raised, which skips on_train_end
+                for b in (self.batch_bar, self.epoch_bar):
+                    if b is not None:
+                        b.finish()
+
+            def on_train_begin(self, logs=None):
+                self.epoch_bar = bars.start(f"{name} epochs", epochs, unit="epochs", transient=True, plain=False)
+
+            def on_train_end(self, logs=None):
+                self.finish()
+
             def on_epoch_begin(self, epoch, logs=None):
                 self.started = time.perf_counter()
+                self.batch_bar = bars.start(f"{name} epoch {epoch + 1}", (self.params or {}).get("steps"),
+                                            unit="batches", transient=True, plain=False)
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.batch_bar.advance()
 
             def on_epoch_end(self, epoch, logs=None):
+                self.batch_bar.finish()
+                self.epoch_bar.advance()
                 logs = logs or {}
                 parts = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())
                                  if isinstance(v, (int, float)) and k != "learning_rate")
@@ -338,7 +361,8 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
         callbacks.append(keras.callbacks.ModelCheckpoint(checkpoint, monitor=recipe.checkpoint_monitor,
                                                          mode=monitor_mode(recipe.checkpoint_monitor),
                                                          save_best_only=True))
-    callbacks.append(_ProgressLog(spec.name, recipe.epochs, say))
+    progress_log = _ProgressLog(spec.name, recipe.epochs, say)
+    callbacks.append(progress_log)
     if recipe.early_stopping:
         es = dict(recipe.early_stopping)
         es.setdefault("mode", monitor_mode(es["monitor"]))
@@ -352,8 +376,11 @@ def train(spec: ModelSpec, build: Callable[..., Any], data: PreparedData, recipe
     say(f"{spec.name}: {len(x_train)} train / {len(x_val)} val items, {recipe.epochs} epochs, "
         f"batch {recipe.batch_size}")
     started = time.perf_counter()
-    history = model.fit(train_batches, validation_data=val_batches, epochs=recipe.epochs,
-                        callbacks=callbacks, verbose=0)
+    try:
+        history = model.fit(train_batches, validation_data=val_batches, epochs=recipe.epochs,
+                            callbacks=callbacks, verbose=0)
+    finally:
+        progress_log.finish()
     seconds = time.perf_counter() - started
     if not checkpoint.exists():  # monitor never improved on its initial value (e.g. NaN loss)
         model.save(checkpoint)
@@ -438,7 +465,8 @@ def load_checkpoint(path: str | Path):
 
     from lung_models import registry
 
-    registry.load_all()  # registers custom model classes before deserialising
+    registry.load_all()
+    importlib.import_module(registry.KERAS_MODULE)  # registers the custom classes before deserialising
     # Our own checkpoints: a model wrapping a TF-Hub SavedModel (TFSMLayer) needs safe_mode off.
     return keras.models.load_model(path, safe_mode=False)
 

@@ -92,8 +92,11 @@ def say(message: str) -> None:
 
 
 def _start_model_process(progress) -> None:
+    from lung_models import progress as bars
+
     global _PROGRESS
     _PROGRESS = progress
+    bars.forward_to(progress.put)  # the parent draws this process's progress bars
     parent = os.getppid()
 
     def exit_with_parent() -> None:
@@ -139,6 +142,8 @@ def model_process(model_name: str) -> Iterator[None]:
 def in_model_process(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in the current model's process (in this one outside ``model_process``); its
     progress lines are logged here, as they arrive."""
+    from lung_models import progress as bars
+
     if _WORKER is None:
         return fn(*args)
     pool, progress, model_name = _WORKER
@@ -147,13 +152,18 @@ def in_model_process(fn: Callable[..., T], *args: Any) -> T:
     def drain(wait: float) -> None:
         while True:
             try:
-                say(progress.get(timeout=wait))
+                message = progress.get(timeout=wait)
             except queue_module.Empty:
                 return
+            if not bars.replay(message):
+                say(message)
 
-    while not future.done():
-        drain(0.5)
-    drain(0.2)  # lines still in the queue's pipe when the result arrived
+    try:
+        while not future.done():
+            drain(0.2)
+        drain(0.2)  # lines still in the queue's pipe when the result arrived
+    finally:
+        bars.close_replayed()  # bars of a process that died before closing them
     try:
         return future.result()
     except BrokenProcessPool as exc:

@@ -3,13 +3,16 @@ night (on Dask workers or in this process), publish the CSVs."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from lung_models import drift
 from lung_models.scoring import Item, html_report, night
 from lung_models.scoring.ledger import Ledger
 from lung_models.scoring.runtime import cpu_cores
@@ -60,6 +63,9 @@ def _worker_threads(settings: dict[str, Any]) -> int | None:
         address = get_worker().address
     except (ImportError, ValueError):
         return settings.get("intra_op_threads")
+    # A local cluster's workers inherit the terminal: bars from several processes would tear each
+    # other; the flow's own bar shows the night.
+    os.environ["LUNG_FACTORY_PROGRESS"] = "plain"
     host = address.split("://")[-1].rsplit(":", 1)[0]
     slots = (settings.get("slots_by_host") or {}).get(host, 1)
     return max(1, cpu_cores() // max(1, slots))
@@ -90,6 +96,8 @@ def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, sc
     """The night's CSV and the cumulative one, and a summary artifact linking them. ``scored``: the
     refused models' counts and every shard's result."""
     night_csv, cumulative = night.publish(output_dir, run_id, stamp, ledger, lock_timeout_seconds)
+    drift_path, drift_report = night.publish_drift(output_dir, scored.get("pins", []),
+                                                   [s.get("drift") or {} for s in scored["shards"]], stamp)
     totals: dict[str, night.ModelCounts] = {}
     for c in [*scored["refused"], *(c for s in scored["shards"] for c in s["counts"])]:
         totals.setdefault(c["model"], night.ModelCounts(c["model"], c["version"])).add(c)
@@ -106,6 +114,11 @@ def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, sc
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['model']} | {c['version']} | {c['provider']} {c['precision']} | {c['ok']} | {c['rejected']} | "
               f"{c['error']} | {c['already_scored']} | {c['claimed_elsewhere']} |" for c in counts]
+    lines += ["", f"Drift ({drift.TEST} test per feature against the bundle's training reference; "
+                  f"[{Path(drift_path).name if drift_path else 'not written'}]"
+                  f"({Path(drift_path).resolve().as_uri() if drift_path else ''})):", ""]
+    lines += [f"- {m}: **{v['status'].upper()}**" + (f" ({', '.join(v['drifted'])})" if v.get("drifted") else "")
+              + f", {v['n']} inputs" for m, v in drift_report["models"].items()]
     if scored.get("failed"):
         lines += ["", f"**{len(scored['failed'])} shard(s) failed twice** (their rows are scored by the next run):",
                   ""] + [f"- {f}" for f in scored["failed"][:50]]
@@ -116,36 +129,41 @@ def publish_reports(output_dir: str, input_dir: str, run_id: str, stamp: str, sc
         if len(skipped_all) > 200:
             lines.append(f"- ... and {len(skipped_all) - 200} more (the flow run's log lists every one)")
     summary = html_report.summarise(night_csv)  # read once, for the page and the table artifacts
-    page = _html_report(output_dir, input_dir, night_csv, stamp, skipped_all, cumulative, summary)
+    page = _html_report(output_dir, input_dir, night_csv, stamp, skipped_all, cumulative, summary, drift_report)
     if page:
         lines[5:5] = [f"- the page to read: [{page.name}]({page.resolve().as_uri()})"]
     create_markdown_artifact(key="nightly-scoring-report", markdown="\n".join(lines),
                              description=f"scores written to {night_csv}")
-    _table_artifacts(night_csv, summary, skipped_all)
+    _table_artifacts(night_csv, summary, skipped_all, drift_report)
     say(f"report: {night_csv} (cumulative: {cumulative}; page: {page}); {len(skipped_all)} entries not scored "
         "this run (listed in the nightly-scoring-report artifact)")
-    return {"night": str(night_csv), "cumulative": str(cumulative), "page": str(page or "")}
+    return {"night": str(night_csv), "cumulative": str(cumulative), "page": str(page or ""),
+            "drift": str(drift_path or "")}
 
 
 def _html_report(output_dir: str, input_dir: str, night_csv, stamp: str, skipped: list[tuple[str, str]],
-                 cumulative, summary: dict[str, Any]) -> Any:
+                 cumulative, summary: dict[str, Any], drift_report: dict[str, Any] | None = None) -> Any:
     """The night's HTML page; a failure to draw it is logged and costs the page, never the night (its
     CSVs are already published)."""
     try:
         return html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative,
-                                              summary=summary)
+                                              summary=summary, drift=drift_report)
     except Exception as exc:  # noqa: BLE001
         run_logger().error("night report page not written: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def _table_artifacts(night_csv, summary: dict[str, Any], skipped: list[tuple[str, str]], limit: int = 500) -> None:
-    """Two tables in the Prefect UI: counts per model and status, and the files not scored or refused
-    with the reason (at most ``limit`` rows each; the CSV and the page hold them all)."""
+def _table_artifacts(night_csv, summary: dict[str, Any], skipped: list[tuple[str, str]],
+                     drift_report: dict[str, Any] | None = None, limit: int = 500) -> None:
+    """Two tables in the Prefect UI: counts per model and status (with the drift verdict), and the
+    files not scored or refused with the reason (at most ``limit`` rows each; the CSV and the page
+    hold them all)."""
     flagged = Counter(r["model"] for r in summary["flagged"])
+    verdicts = (drift_report or {}).get("models", {})
     create_table_artifact(key="nightly-scoring-counts", description=f"rows of {night_csv.name} by model and status",
                           table=[{"model": m, **{s: c.get(s, 0) for s in html_report.STATUSES},
-                                  "flagged": flagged.get(m, 0)} for m, c in sorted(summary["counts"].items())])
+                                  "flagged": flagged.get(m, 0), "drift": verdicts.get(m, {}).get("status", "")}
+                                 for m, c in sorted(summary["counts"].items())])
     problems = [{"file": r["relative_path"], "model": r["model"], "status": r["status"], "reason": r["error"]}
                 for r in summary["refused"]]
     problems += [{"file": rel, "model": "", "status": "skipped", "reason": why} for rel, why in skipped]

@@ -11,7 +11,7 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from lung_models import crossval, evaluation, export, registry, training
+from lung_models import calibration, crossval, drift, evaluation, export, preprocess, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
 from lung_models.training import release_tensorflow_memory
@@ -144,11 +144,43 @@ def _export_artifact(model_name: str, bundle: Path) -> None:
              f"- ONNX parity with Keras on {parity['items']} test items: {'passed' if parity['passed'] else 'FAILED'} "
              f"(max abs difference {parity['max_abs_diff']}, {parity['class_mismatches']} class mismatches)",
              f"- promotion gate: {'passed' if verdict.get('passed') else 'failed, NOT promoted'}: "
-             f"{verdict.get('reason', '')}", "", "Plots:", ""]
+             f"{verdict.get('reason', '')}"]
+    if card.get("calibration"):
+        lines.append(f"- calibration: {calibration.summary(card['calibration'])}")
+    lines += ["", "Plots:", ""]
     lines += [f"- [{name}]({(bundle / name).resolve().as_uri()})"
-              for name in ("training_curves.png", "confusion_matrix.png", "roc.png") if (bundle / name).is_file()]
+              for name in ("training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png")
+              if (bundle / name).is_file()]
     create_markdown_artifact(key=f"export-{model_name}", markdown="\n".join(lines),
                              description=f"{model_name}: parity, promotion and plots of bundle {card['version']}")
+
+
+def _calibrate(spec, model, data: PreparedData, plot: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """Temperature scaling fitted on the validation split, its test-split reliability before and
+    after, and the reliability diagram at ``plot``; with the calibrated probabilities of the
+    validation and test items (what the scorer will output for them)."""
+    params = data.manifest["preprocessing"]
+    (x_val, y_val), (x_test, y_test) = data.arrays("val"), data.arrays("test")
+    fn = export.probability_function(model, spec.output, tuple(x_test.shape[1:]))
+    val_probs, test_probs = training.predict_split(fn, x_val, params), training.predict_split(fn, x_test, params)
+    record = calibration.calibrate(val_probs, y_val, test_probs, y_test)
+    calibration.plot_reliability(record, plot, f"{spec.name} (test split)")
+    say(f"{spec.name}: {calibration.summary(record)}")
+    held_out = calibration.apply_temperature(np.concatenate([val_probs, test_probs]), record["temperature"])
+    return record, held_out
+
+
+def _drift_reference(spec, data: PreparedData, x_train: np.ndarray, held_out: np.ndarray, path: Path) -> dict[str, Any]:
+    """The bundle's drift reference (``drift``): the training inputs' features as the scorer will
+    compute them tonight, and the model's calibrated confidence on held-out items."""
+    params = data.manifest["preprocessing"]
+    inputs = (preprocess.batch_stage(x_train[i:i + 1], params) for i in drift.reference_indices(len(x_train)))
+    ref = drift.reference(inputs, held_out.max(axis=1), held_out.argmax(axis=1), list(spec.class_names))
+    atomic_write_json(path, ref)
+    say(f"{spec.name}: drift reference of {ref['n_inputs']} training inputs and {ref['n_outputs']} held-out outputs")
+    return {"file": drift.REFERENCE_NAME, "test": ref["test"], "features": list(drift.FEATURES),
+            "n_inputs": ref["n_inputs"], "n_outputs": ref["n_outputs"], "alpha": ref["alpha"],
+            "min_statistic": ref["min_statistic"], "min_items": ref["min_items"]}
 
 
 def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_path: str,
@@ -175,13 +207,17 @@ def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_pat
         # variant without having measured anything.
         card_extra["int8"] = {"file": None, "usable": False,
                               "reason": "not made in a smoke run (accuracy at chance: nothing for the gate to check)"}
+    card_extra["calibration"], held_out = _calibrate(spec, model, data, run / "reliability.png")
+    card_extra["drift"] = _drift_reference(spec, data, x_train, held_out, run / drift.REFERENCE_NAME)
     files = {"metrics.json": run / "metrics.json", "split_manifest.json": run / "split_manifest.json",
              "history.json": Path(trained["history"]), "training_curves.png": run / "training_curves.png",
              "confusion_matrix.png": run / "confusion_matrix.png", "roc.png": run / "roc.png",
+             "reliability.png": run / "reliability.png", drift.REFERENCE_NAME: run / drift.REFERENCE_NAME,
              "model.keras": Path(trained["checkpoint"])}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
-                                  progress=say, test_y=y_test, calib_x=None if smoke else x_train)
+                                  progress=say, test_y=y_test, calib_x=None if smoke else x_train,
+                                  temperature=card_extra["calibration"]["temperature"])
     del model
     release_tensorflow_memory()
     return str(bundle)

@@ -11,6 +11,11 @@ from lung_models.data import phantoms
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# Prefect sets up its console logging at its first import, on whatever sys.stderr is then: first
+# imported inside a CliRunner.invoke, it would keep the runner's stream, closed after the call, and
+# every later log line of a flow would fail. Imported here, it writes to the session's stream.
+import prefect.main  # noqa: E402,F401 - what sets up its logging (a bare "import prefect" is lazy)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LUNG_FACTORY_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -83,3 +83,17 @@ def test_a_minimum_of_steps_grows_the_epochs_unless_epochs_are_asked_for():
     spec = registry.get("lc25000-cnn").spec
     assert spec.recipe_for("tuned").min_steps == 400 and spec.recipe_for("full").min_steps is None
     assert spec.recipe_for("tuned", epochs=6).min_steps is None  # --epochs 6 means six epochs
+
+
+def test_reading_the_registry_imports_no_tensorflow():
+    # A scoring-only install has no TensorFlow and still lists the models; the Keras code is
+    # imported by the builders (and by checkpoint loading) alone.
+    import subprocess
+    import sys
+
+    code = ("import sys; from lung_models import registry; registry.load_all(); "
+            "[registry.get(n).spec.recipe_for('demo') for n in registry.names()]; "
+            "print(' '.join(m for m in ('keras', 'tensorflow', 'tf_keras') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [] and len(registry.names()) >= len(DOCUMENTED)

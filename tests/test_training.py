@@ -231,3 +231,30 @@ def test_train_grows_the_epochs_to_the_recipes_minimum_of_steps(tmp_path, monkey
         training.train(entry.spec, entry.build, PreparedData(tmp_path), recipe, tmp_path / "run",
                        input_shape=(64, 64, 3))
     assert seen == [(epochs, 5)]  # 20 items in batches of 4: 5 steps an epoch
+
+
+def test_the_epoch_callback_draws_bars_of_epochs_and_batches(monkeypatch):
+    from lung_models import progress
+
+    events, said = [], []
+    monkeypatch.setattr(progress, "_sink", events.append)  # as in a model process: events to the parent
+    callback = training._ProgressLog("tiny", 2, said.append)
+    callback.params = {"steps": 3, "epochs": 2}
+    callback.on_train_begin()
+    for epoch in range(2):
+        callback.on_epoch_begin(epoch)
+        for batch in range(3):
+            callback.on_train_batch_end(batch)
+        callback.on_epoch_end(epoch, {"loss": 0.5})
+    callback.on_train_end()
+    callback.finish()  # again, as train() does after fit: nothing more is sent
+    opened = sorted((e[3], e[4]) for e in events if e[1] == "open")  # (description, total)
+    assert opened == [("tiny epoch 1", 3), ("tiny epoch 2", 3), ("tiny epochs", 2)]
+    by_id = {e[2]: e[3] for e in events if e[1] == "open"}
+    advanced: dict[str, int] = {}
+    for e in events:
+        if e[1] == "advance":
+            advanced[by_id[e[2]]] = advanced.get(by_id[e[2]], 0) + e[3]
+    assert advanced == {"tiny epochs": 2, "tiny epoch 1": 3, "tiny epoch 2": 3}
+    assert sum(1 for e in events if e[1] == "close") == 3
+    assert len(said) == 2 and said[0].startswith("tiny: epoch 1/2")

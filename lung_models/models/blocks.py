@@ -1,4 +1,6 @@
-"""Layers the model families share.
+"""Layers and models of the families, and the Keras code they share. Only builders and
+:func:`lung_models.training.load_checkpoint` import this module (not the registry), so listing the
+models needs no TensorFlow.
 
 Augmentation and rescaling live inside the models, so an exported graph (traced with
 ``training=False``, which turns the random layers off) takes raw 0-255 pixels and needs nothing
@@ -7,6 +9,8 @@ done to them outside. The custom layers are registered with Keras under the pack
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import keras
 import numpy as np
@@ -115,3 +119,43 @@ def with_test_time_augmentation(model, input_shape: tuple[int, ...], views: str 
     outputs = [model(Flip(axes, name=f"tta_flip_{'_'.join(map(str, axes))}")(inputs) if axes else inputs,
                      training=False) for axes in TTA_VIEWS[views]]
     return keras.Model(inputs, layers.Average(name="tta_average")(outputs), name=f"{model.name}_tta")
+
+
+@keras.saving.register_keras_serializable(package="lung_models")
+class LC25000CNN(keras.Model):
+    """Conv 32/64/128 (3×3, ReLU) each with 2×2 max-pooling → Flatten → Dense 128 → Dropout →
+    one sigmoid unit, P(squamous cell carcinoma)."""
+
+    def __init__(self, input_shape: tuple[int, int, int] = (256, 256, 3), dropout: float = 0.2,
+                 dense_units: int = 128, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.input_shape_ = tuple(input_shape)
+        self.dropout_rate = dropout
+        self.dense_units = dense_units
+        self.conv1 = keras.layers.Conv2D(32, 3, activation="relu")
+        self.pool1 = keras.layers.MaxPooling2D()
+        self.conv2 = keras.layers.Conv2D(64, 3, activation="relu")
+        self.pool2 = keras.layers.MaxPooling2D()
+        self.conv3 = keras.layers.Conv2D(128, 3, activation="relu")
+        self.pool3 = keras.layers.MaxPooling2D()
+        self.flatten = keras.layers.Flatten()
+        self.dense = keras.layers.Dense(dense_units, activation="relu")
+        self.dropout = keras.layers.Dropout(dropout)
+        self.out = keras.layers.Dense(1, activation="sigmoid")
+
+    def call(self, inputs, training=False):
+        x = self.pool1(self.conv1(inputs))
+        x = self.pool2(self.conv2(x))
+        x = self.pool3(self.conv3(x))
+        x = self.dropout(self.dense(self.flatten(x)), training=training)
+        return self.out(x)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(input_shape=list(self.input_shape_), dropout=self.dropout_rate,
+                      dense_units=self.dense_units)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        return cls(**config)

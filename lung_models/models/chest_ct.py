@@ -23,7 +23,6 @@ import numpy as np
 
 from lung_models.data.catalog import CHEST_CT
 from lung_models.models import tuned
-from lung_models.models.blocks import augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, keras_application
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
@@ -98,6 +97,8 @@ def _resnet_features(spec: ModelSpec, input_shape, weights: str, in_model_augmen
     import keras
     from keras import layers
 
+    from lung_models.models.blocks import augmentation, rescale
+
     inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
     base = keras_application(keras.applications.ResNet50, weights, include_top=False, pooling="max",
                              input_shape=tuple(input_shape or spec.input_shape))
@@ -131,6 +132,8 @@ CNN_FILTERS = (16, 32, 64, 128, 256)
 def build_cnn(spec: ModelSpec = CNN_SPEC, input_shape=None, in_model_augmentation: bool = True):
     import keras
     from keras import layers
+
+    from lung_models.models.blocks import augmentation, rescale
 
     inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
     x = rescale(augmentation(inputs) if in_model_augmentation else inputs)

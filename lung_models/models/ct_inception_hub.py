@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from lung_models.data.catalog import CT_CANCER
 from lung_models.models import tuned
-from lung_models.models.blocks import ChannelNormalization, HubFeatures, augmentation, rescale
 from lung_models.models.pretrained import PRETRAINED, resolve_tfhub
 from lung_models.registry import CT_SLICE, CT_SLICE_WINDOW, ModelSpec, TrainingRecipe, register
 
@@ -57,7 +55,10 @@ SPEC = ModelSpec(
 @register(SPEC)
 def build(spec: ModelSpec = SPEC, input_shape=None, weights: str = PRETRAINED, adapt_x: np.ndarray | None = None,
           in_model_augmentation: bool = True):
+    import keras
     from keras import layers
+
+    from lung_models.models.blocks import ChannelNormalization, HubFeatures, augmentation, rescale
 
     shape = tuple(input_shape or spec.input_shape)
     inputs = keras.Input(shape, name="image")

@@ -4,11 +4,6 @@ Keras")."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import keras
-from keras import layers
-
 from lung_models.data.catalog import LC25000
 from lung_models.models import tuned
 from lung_models.registry import HISTOLOGY_TILE, ModelSpec, TrainingRecipe, register
@@ -51,48 +46,12 @@ SPEC = ModelSpec(
 )
 
 
-@keras.saving.register_keras_serializable(package="lung_models")
-class LC25000CNN(keras.Model):
-    """Conv 32/64/128 (3×3, ReLU) each with 2×2 max-pooling → Flatten → Dense 128 → Dropout →
-    one sigmoid unit, P(squamous cell carcinoma)."""
-
-    def __init__(self, input_shape: tuple[int, int, int] = (256, 256, 3), dropout: float = 0.2,
-                 dense_units: int = 128, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.input_shape_ = tuple(input_shape)
-        self.dropout_rate = dropout
-        self.dense_units = dense_units
-        self.conv1 = layers.Conv2D(32, 3, activation="relu")
-        self.pool1 = layers.MaxPooling2D()
-        self.conv2 = layers.Conv2D(64, 3, activation="relu")
-        self.pool2 = layers.MaxPooling2D()
-        self.conv3 = layers.Conv2D(128, 3, activation="relu")
-        self.pool3 = layers.MaxPooling2D()
-        self.flatten = layers.Flatten()
-        self.dense = layers.Dense(dense_units, activation="relu")
-        self.dropout = layers.Dropout(dropout)
-        self.out = layers.Dense(1, activation="sigmoid")
-
-    def call(self, inputs, training=False):
-        x = self.pool1(self.conv1(inputs))
-        x = self.pool2(self.conv2(x))
-        x = self.pool3(self.conv3(x))
-        x = self.dropout(self.dense(self.flatten(x)), training=training)
-        return self.out(x)
-
-    def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(input_shape=list(self.input_shape_), dropout=self.dropout_rate,
-                      dense_units=self.dense_units)
-        return config
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]):
-        return cls(**config)
-
-
 @register(SPEC)
 def build(spec: ModelSpec = SPEC, input_shape: tuple[int, ...] | None = None):
+    import keras
+
+    from lung_models.models.blocks import LC25000CNN
+
     shape = tuple(input_shape or spec.input_shape)
     model = LC25000CNN(input_shape=shape, name="lc25000_cnn")
     model(keras.ops.zeros((1, *shape)))  # create the weights so the model can be saved and exported

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lung_models import progress
 from lung_models.data import dicom, readers
 from lung_models.data.readers import file_kind_by_name
 from lung_models.fileutil import is_undecodable, report_text, sha256_bytes, sha256_file, utf8_text
@@ -122,8 +123,9 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
 
     The scorer's own files are never arrivals: an ``output_dir`` inside the input folder is not
     walked, and when it is the input folder itself, the names ``own_file`` accepts there (the
-    ledger, the lock, the reports) are neither scored nor count as changes to the folder (a lock
-    touched every night would otherwise keep a DICOM series there "still arriving" for ever).
+    ledger, the lock, the reports; a folder as its name with a trailing "/") are neither scored
+    nor count as changes to the folder (a lock touched every night would otherwise keep a DICOM
+    series there "still arriving" for ever).
     """
     root = Path(input_dir)
     walk = _Walk(root, os.path.realpath(root), datetime.now(timezone.utc).timestamp() if now is None else now,
@@ -134,6 +136,17 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
         walk.skip(rel, f"folder cannot be listed ({exc.strerror}); give the scoring user read access to it")
 
     own_folder = os.path.realpath(output_dir) if output_dir is not None else None
+    with progress.bar(f"finding files in {report_text(root.name)}", unit="files", transient=True) as files:
+        _walk_folder(walk, root, own_folder, own_file, unlistable, files)
+    walk.found.items.extend(_series_items(walk))
+    walk.found.items.sort(key=lambda i: (i.key, i.series_uid_hash))
+    if cache is not None and walk.new_facts:
+        cache.remember_facts((rel, key, facts) for rel, (key, facts) in walk.new_facts.items())
+    return walk.found
+
+
+def _walk_folder(walk: _Walk, root: Path, own_folder: str | None, own_file: Callable[[str], bool],
+                 unlistable: Callable[[OSError], None], files: progress.Bar) -> None:
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         folder = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -146,7 +159,9 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
                 dirnames.remove(d)  # the reports and ledger of this very scorer: not input
         if own_folder is not None and os.path.realpath(folder) == own_folder:
             filenames = [n for n in filenames if not own_file(n)]
+            dirnames[:] = [d for d in dirnames if not own_file(d + "/")]  # e.g. the heat maps folder
         for name in sorted(filenames):
+            files.advance()
             if not name.startswith("."):
                 _discover_file(walk, folder / name)
             else:  # hidden files (e.g. a transfer's temp file) still tell that the folder is changing
@@ -155,11 +170,6 @@ def discover(input_dir: str | Path, settle_seconds: float = 0.0, now: float | No
                 except OSError:
                     continue
                 walk.newest_mtime[folder] = max(walk.newest_mtime.get(folder, 0.0), mtime)
-    walk.found.items.extend(_series_items(walk))
-    walk.found.items.sort(key=lambda i: (i.key, i.series_uid_hash))
-    if cache is not None and walk.new_facts:
-        cache.remember_facts((rel, key, facts) for rel, (key, facts) in walk.new_facts.items())
-    return walk.found
 
 
 def _discover_file(walk: _Walk, path: Path) -> None:

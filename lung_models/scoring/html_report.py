@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 
 from lung_models.data.catalog import negative_class
+from lung_models.explain import HEATMAP_DIR
 from lung_models.fileutil import CSV_ESCAPE, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL = 160  # pixels, the longer side
 MAX_THUMBNAILS = 400  # a page a person reads; the rest of the flagged scans are counted and in the CSV
+MAX_HEATMAP_BYTES = 4 * 2**20  # a heat map PNG larger than this is not one the scorer wrote
 LUNG_WINDOW = (-600.0, 1500.0)  # centre and width in HU, how a reader looks at lung parenchyma
 STATUSES = ("ok", "rejected", "error")
 
@@ -116,9 +118,10 @@ def summarise(night_csv: Path) -> dict[str, Any]:
 
 def write_night_report(output_dir: str | Path, input_dir: str | Path, night_csv: str | Path, stamp: str,
                        skipped: list[tuple[str, str]] | None = None, cumulative: str | Path | None = None,
-                       max_thumbnails: int = MAX_THUMBNAILS, summary: dict[str, Any] | None = None) -> Path:
+                       max_thumbnails: int = MAX_THUMBNAILS, summary: dict[str, Any] | None = None,
+                       drift: dict[str, Any] | None = None) -> Path:
     """Write the night's page beside its CSV (``page_name``); returns its path. ``summary``: the CSV's
-    ``summarise`` when the caller has it already."""
+    ``summarise`` when the caller has it already; ``drift``: the night's drift report (``drift.json``)."""
     out, inp, night_csv = Path(output_dir), Path(input_dir), Path(night_csv)
     summary = summary if summary is not None else summarise(night_csv)
     thumbs: dict[tuple[str, str, str], str] = {}  # one picture per scan and slice, shared by the models
@@ -134,12 +137,34 @@ def write_night_report(output_dir: str | Path, input_dir: str | Path, night_csv:
                 log.warning("report: no thumbnail of %s (%s)", row["relative_path"], exc)
                 thumbs[key] = ""
         row["thumbnail"] = thumbs[key]
+        row["heatmap_uri"] = _heatmap_uri(out, row.get("heatmap", ""))
         shown += 1
     page = _render(summary, night_csv, stamp, inp, skipped or [], Path(cumulative) if cumulative else None,
-                   max_thumbnails)
+                   max_thumbnails, drift)
     path = out / page_name(night_csv)
     atomic_write_text(path, page)
     return path
+
+
+def _heatmap_uri(output_dir: Path, rel: str) -> str:
+    """The row's heat map (a PNG the scorer wrote under ``OUT/heatmaps``) as a data URI, "" without
+    one. Only a PNG of at most ``MAX_HEATMAP_BYTES`` inside the heat maps' folder is embedded: a
+    cell naming anything else (a crafted row in a shared ledger) is not followed."""
+    if not rel:
+        return ""
+    folder = (output_dir / HEATMAP_DIR).resolve()
+    path = (output_dir / rel).resolve()
+    try:
+        if path.suffix != ".png" or not path.is_relative_to(folder) or not path.is_file() \
+                or path.stat().st_size > MAX_HEATMAP_BYTES:
+            raise ValueError("not a heat map the scorer wrote")
+        data = path.read_bytes()
+        if not data.startswith(b"\x89PNG"):
+            raise ValueError("not a PNG")
+    except (OSError, ValueError) as exc:  # its picture is lost, not the page
+        log.warning("report: heat map %s not shown (%s)", rel, exc)
+        return ""
+    return _data_uri(data)
 
 
 def page_name(night_csv: str | Path) -> str:
@@ -161,8 +186,26 @@ th{background:#eef0f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
+def _drift_section(drift: dict[str, Any] | None) -> list[str]:
+    """Per model: drift, no drift, too few inputs or no reference, with each feature's KS statistic."""
+    e = html.escape
+    if not drift:
+        return ["<h2>Drift</h2><p>Not computed tonight (see the log).</p>"]
+    parts = [f"<h2>Drift</h2><p class='note'>Are tonight's scans like the training data? {e(drift['test'])} test per "
+             f"feature against each bundle's reference: {e(drift['rule'])}.</p>",
+             "<table id='drift'><tr><th>model</th><th>verdict</th><th>inputs</th><th>KS statistic per feature "
+             "(drifting ones in bold)</th></tr>"]
+    for model, v in sorted(drift["models"].items()):
+        cells = ", ".join((f"<b>{e(f)} {r['statistic']:.2f}</b>" if r["drift"] else f"{e(f)} {r['statistic']:.2f}")
+                          for f, r in (v.get("features") or {}).items()) or e(v.get("note", ""))
+        css = " class='warn'" if v["flagged"] else ""
+        parts.append(f"<tr data-model='{e(model)}' data-drift='{e(v['status'])}'><td>{e(model)}</td>"
+                     f"<td{css}>{e(v['status'])}</td><td class='n'>{v['n']}</td><td>{cells}</td></tr>")
+    return parts + ["</table>"]
+
+
 def _render(summary: dict[str, Any], night_csv: Path, stamp: str, input_dir: Path, skipped: list[tuple[str, str]],
-            cumulative: Path | None, max_thumbnails: int) -> str:
+            cumulative: Path | None, max_thumbnails: int, drift: dict[str, Any] | None = None) -> str:
     e = html.escape
     counts: dict[str, Counter] = summary["counts"]
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Night report {e(stamp)}</title>"
@@ -187,6 +230,7 @@ def _render(summary: dict[str, Any], night_csv: Path, stamp: str, input_dir: Pat
     parts.append("<tr><th>all</th>" + "".join(f"<th class='n'>{total.get(s, 0)}</th>" for s in STATUSES)
                  + f"<th class='n'>{len(summary['flagged'])}</th></tr></table>")
 
+    parts += _drift_section(drift)
     parts.append("<h2>Flagged scans</h2>")
     if not summary["flagged"]:
         parts.append("<p>No model flagged a scan tonight.</p>")
@@ -201,6 +245,9 @@ def _render(summary: dict[str, Any], night_csv: Path, stamp: str, input_dir: Pat
                 continue
             img = (f"<img class='thumb' alt='{e(r['relative_path'])}' src='{r['thumbnail']}'>" if r["thumbnail"]
                    else "<p class='warn'>no picture: the file could not be read again</p>")
+            if r.get("heatmap_uri"):
+                img += (f"<img class='heat' alt='heat map of {e(r['relative_path'])}' src='{r['heatmap_uri']}'"
+                        f" title='Grad-CAM: where {e(model)} looked for {e(r['predicted_class'])}'>")
             parts.append(f"<div class='card'>{img}<div class='cls'>{e(r['predicted_class'])} "
                          f"{float(r['probability'] or 0):.3f}</div><div class='path'>{e(r['relative_path'])}</div>"
                          f"<div class='note'><a href='{e(night_csv.name)}'>row {r['row_number']}</a>"

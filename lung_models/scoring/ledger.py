@@ -79,6 +79,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lung_models.explain import HEATMAP_DIR
 from lung_models.fileutil import host_tag, utc_now, utf8_text
 from lung_models.scoring import database
 from lung_models.scoring.items import DONE_STATUSES, STATUSES
@@ -98,11 +99,15 @@ CUMULATIVE_NAME = "scores-cumulative.csv"
 _SCHEMA_VERSION = 4
 _REBUILT_INDEXES = {1: ("rows_done_key", "rows_attempt")}  # by the version they are rebuilt from
 _DONE_CHUNK = 400  # (path, sha) pairs per query: 802 parameters, far below SQLite's limit
-STALE_TEMP_SECONDS = 3600  # a CSV temp file untouched this long is a dead writer's (writers rewrite it within seconds)
+# A CSV or page temp file untouched this long is a dead writer's (writers rewrite it within seconds).
+STALE_TEMP_SECONDS = 3600
 CLAIM_SECONDS = 900.0  # a claim's lease: renewed at every commit, so only a dead or hung holder lets it lapse
-# fileutil.atomic_writer's temp names for our CSVs: .<name>.csv.<pid>@<host>.<mkstemp's random part>.tmp
+# fileutil.atomic_writer's temp names for our CSVs, pages, drift files and heat maps (under heatmaps/):
+# .<name>.<pid>@<host>.<mkstemp's random part>.tmp
 # (before schema 4 without "@<host>": taken for this host's).
-_TEMP_RE = re.compile(r"^\.scores-.+\.csv\.(\d+)(?:@([A-Za-z0-9-]+))?\.[A-Za-z0-9_]+\.tmp$")
+_TEMP_RE = re.compile(r"^\.(?:scores-.+\.csv|report-.+\.html|drift(?:-.+)?\.json)\.(\d+)(?:@([A-Za-z0-9-]+))?"
+                      r"\.[A-Za-z0-9_]+\.tmp$")
+_HEATMAP_TEMP_RE = re.compile(r"^\..+\.png\.(\d+)(?:@([A-Za-z0-9-]+))?\.[A-Za-z0-9_]+\.tmp$")  # under heatmaps/ only
 FOLDER_ID_NAME = ".ledger-id"
 _STAMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -603,16 +608,19 @@ class Ledger:
             return write_csv(self.output_dir / CUMULATIVE_NAME, list(COLUMNS), rows)
 
     def _remove_stale_temps(self) -> None:
-        """Remove CSV temp files left by interrupted writers: those untouched for STALE_TEMP_SECONDS,
-        or written on this host by a pid that is gone. The pid alone cannot tell: where PIDs restart
-        (containers), a dead writer's pid may belong to a live process, even this one; and a pid of
-        another host says nothing here, so another host's temp file is judged by its age alone.
-        Callers hold the publication lock, so no other run is writing a report; our own writes are
-        serialised by ``_mutex``."""
+        """Remove the temp files of interrupted writers (CSVs, pages, drift files, heat maps): those
+        untouched for STALE_TEMP_SECONDS, or written on this host by a pid that is gone. The pid alone
+        cannot tell: where PIDs restart (containers), a dead writer's pid may belong to a live
+        process, even this one; and a pid of another host says nothing here, so another host's temp
+        file is judged by its age alone. The CSVs are written under the publication lock the caller
+        holds; pages, drift files and heat maps are not, but a live writer on this host keeps its
+        temp file by its pid, and one elsewhere by its age (they write within seconds)."""
         now = time.time()
         here = host_tag()
-        for tmp in self.output_dir.glob(".scores-*.tmp"):
-            match = _TEMP_RE.match(tmp.name)
+        candidates = [(tmp, _TEMP_RE) for tmp in self.output_dir.glob(".*.tmp")]
+        candidates += [(tmp, _HEATMAP_TEMP_RE) for tmp in self.output_dir.glob(f"{HEATMAP_DIR}/*/*/.*.png.*.tmp")]
+        for tmp, pattern in candidates:
+            match = pattern.match(tmp.name)
             if not match:
                 continue
             try:

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lung_models import drift
+from lung_models import progress as bars
 from lung_models.bundle import BundleError, ModelBundle, latest_bundles, load_bundle
+from lung_models.explain import HEATMAP_DIR
 from lung_models.fileutil import utc_stamp
 from lung_models.scoring import database, pipeline
 from lung_models.scoring.discovery import discover
@@ -33,9 +36,11 @@ log = logging.getLogger(__name__)
 COMMIT_ROWS = 256
 # What a scoring run writes in its output folder: the ledger (and SQLite's journal) or a database
 # ledger's folder id, the lock, the night and cumulative CSVs, the night's HTML page and their temp files
-# (fileutil.atomic_writer names them ".<name>.<pid>@<host>.<random>.tmp").
+# (fileutil.atomic_writer names them ".<name>.<pid>@<host>.<random>.tmp"), the drift verdicts and the
+# heat maps' folder.
 _OWN_FILE = re.compile(rf"^({re.escape(LEDGER_NAME)}(-journal|-wal|-shm)?|{re.escape(LOCK_NAME)}"
-                       rf"|{re.escape(FOLDER_ID_NAME)}|scores-.*\.csv|report-.*\.html|\.(scores|report)-.*\.tmp)$")
+                       rf"|{re.escape(FOLDER_ID_NAME)}|scores-.*\.csv|report-.*\.html|\.(scores|report)-.*\.tmp"
+                       rf"|drift(-.*)?\.json|\.drift(-.*)?\.json\..*\.tmp|{HEATMAP_DIR}/)$")
 COMMIT_SECONDS = 2.0
 
 
@@ -50,7 +55,8 @@ def find_incoming(input_dir: str | Path, output_dir: str | Path, settle_seconds:
 
 
 def own_file(name: str) -> bool:
-    """Whether a file name in the output folder is one the scorer writes (ledger, lock, reports, temps)."""
+    """Whether a file name in the output folder is one the scorer writes (ledger, lock, reports, temps),
+    or, with a trailing "/", a folder it writes (the heat maps)."""
     return bool(_OWN_FILE.match(name))
 
 
@@ -93,6 +99,8 @@ class NightResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stats: pipeline.PipelineStats = field(default_factory=pipeline.PipelineStats)
     seconds: float = 0.0
+    pins: list[dict[str, Any]] = field(default_factory=list)
+    drift: dict[str, Any] = field(default_factory=dict)  # the night's drift sample (drift.NightSample.as_dict)
 
 
 # ----------------------------------------------------------------------------------------- pins
@@ -195,6 +203,7 @@ class ShardSettings:
     # LUNG_FACTORY_COMMIT_ROWS: commit more often (a kill then loses less, at the cost of more fsyncs)
     commit_rows: int = field(default_factory=lambda: int(os.environ.get("LUNG_FACTORY_COMMIT_ROWS", COMMIT_ROWS)))
     commit_seconds: float = COMMIT_SECONDS
+    explain: bool = False  # heat maps of flagged scans (lung_models.explain), under output_dir/heatmaps
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -254,20 +263,33 @@ def score_shard(shard_id: str, items: list[Item], settings: ShardSettings,
         uncommitted: list[dict[str, Any]] = []
         last_commit = time.monotonic()
         decode_threads = s.decode_threads or max(1, threads // 2)
-        for rows in pipeline.score(jobs(), s.input_dir, batch_size=s.batch_size, workers=decode_threads,
-                                   skipped=skipped, stats=stats):
-            uncommitted += rows
-            for r in rows:
-                setattr(counts[r["model"]], r["status"], getattr(counts[r["model"]], r["status"]) + 1)
-            if len(uncommitted) >= s.commit_rows or time.monotonic() - last_commit >= s.commit_seconds:
-                ledger.record(s.run_id, uncommitted, shard=shard_id)
-                uncommitted, last_commit = [], time.monotonic()
+        explainer = None
+        if s.explain and models:
+            from lung_models import explain
+
+            explain.forget_models([p["bundle"] for p in s.pins])
+            try:
+                explainer = explain.Explainer(s.output_dir)
+            except explain.ExplainUnavailable as exc:  # this host cannot: its rows still score, without heat maps
+                log.error("%s on %s: %s", shard_id, socket.gethostname(), exc)
+        sample = drift.NightSample()
+        with bars.bar(f"scoring shard {shard_id}", sum(len(keys) for keys in todo.values()), unit="scores",
+                      transient=True) as scored:
+            for rows in pipeline.score(jobs(), s.input_dir, batch_size=s.batch_size, workers=decode_threads,
+                                       skipped=skipped, stats=stats, explainer=explainer, drift=sample):
+                uncommitted += rows
+                scored.advance(len(rows))
+                for r in rows:
+                    setattr(counts[r["model"]], r["status"], getattr(counts[r["model"]], r["status"]) + 1)
+                if len(uncommitted) >= s.commit_rows or time.monotonic() - last_commit >= s.commit_seconds:
+                    ledger.record(s.run_id, uncommitted, shard=shard_id)
+                    uncommitted, last_commit = [], time.monotonic()
         if uncommitted:
             ledger.record(s.run_id, uncommitted, shard=shard_id)
         ledger.release(s.run_id, shard_id)
     return {"shard": shard_id, "host": socket.gethostname(), "pid": os.getpid(),
             "counts": [c.as_dict() for c in counts.values()], "skipped": [list(x) for x in skipped],
-            "items": len(items), "seconds": round(time.perf_counter() - started, 3)}
+            "items": len(items), "seconds": round(time.perf_counter() - started, 3), "drift": sample.as_dict()}
 
 
 class _RefusedBundle:
@@ -281,7 +303,8 @@ class _RefusedBundle:
 
 def score_incoming(incoming: Incoming, input_dir: str | Path, output_dir: str | Path, bundles: list[ModelBundle],
                    run_id: str, *, batch_size: int = 8, workers: int | None = None, precision: str = FP32,
-                   progress: Callable[[str], None] = log.info, ledger: str | None = None) -> NightResult:
+                   progress: Callable[[str], None] = log.info, ledger: str | None = None,
+                   explain: bool = False) -> NightResult:
     """Score every (item, model) pair the ledger has not seen, in this process, as one shard: every
     model in one pass over the items (each item decoded once). ``workers`` decoding threads."""
     started = time.perf_counter()
@@ -290,13 +313,14 @@ def score_incoming(incoming: Incoming, input_dir: str | Path, output_dir: str | 
         led.start_night(run_id, pins, exclusive=not led.shared)  # SQLite: the caller holds the folder lock
         counts = {c.model: c for c in refused_rows(led, run_id, incoming.items, refused)}
     settings = ShardSettings(str(input_dir), str(output_dir), run_id, pins, ledger=ledger, batch_size=batch_size,
-                             decode_threads=workers)
-    result = NightResult([])
+                             decode_threads=workers, explain=explain)
+    result = NightResult([], pins=pins)
     shard = score_shard(f"{run_id[:8]}-all", incoming.items, settings, progress=progress, stats=result.stats)
     for c in shard["counts"]:
         counts.setdefault(c["model"], ModelCounts(c["model"], c["version"])).add(c)
     result.counts = list(counts.values())
     result.skipped = [tuple(x) for x in shard["skipped"]]
+    result.drift = shard["drift"]
     for c in result.counts:
         progress(f"{c.model}: {c.ok} ok, {c.rejected} rejected, {c.error} error rows")
     result.seconds = time.perf_counter() - started
@@ -309,6 +333,24 @@ def publish(output_dir: str | Path, run_id: str, stamp: str, ledger: str | None 
     and the cumulative CSV, both written atomically."""
     with Ledger(output_dir, url=ledger) as led:
         return led.publish(run_id, stamp, lock_timeout_seconds), led.write_cumulative(lock_timeout_seconds)
+
+
+def publish_drift(output_dir: str | Path, pins: list[dict[str, Any]], samples: list[dict[str, Any]],
+                  stamp: str) -> tuple[Path | None, dict[str, Any]]:
+    """The night's drift verdict per model (``drift``), written as ``drift-<stamp>.json`` and
+    ``drift.json``; a failure costs the file, never the night (its CSVs are already published)."""
+    report: dict[str, Any] = {"night": stamp, "models": {}}
+    try:
+        report = drift.night_report(pins, drift.merge(samples), stamp)
+        path = drift.write(output_dir, report, stamp)
+    except Exception as exc:  # noqa: BLE001
+        log.error("drift report not written: %s: %s", type(exc).__name__, exc)
+        return None, report
+    for model, verdict in report["models"].items():
+        if verdict["flagged"]:
+            log.warning("%s: tonight's scans DRIFT from its training data (%s): %s", model, verdict["test"],
+                        ", ".join(verdict["drifted"]))
+    return path, report
 
 
 def night_lock(output_dir: str | Path, ledger: str | None, timeout: float, label: str):
@@ -324,24 +366,32 @@ def run_night(input_dir: str | Path, output_dir: str | Path, exports_dir: str | 
               models: list[str] | None = None, *, batch_size: int = 8, workers: int | None = None,
               precision: str = FP32, settle_seconds: float = 0.0,
               lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT, ledger: str | None = None,
-              include_unpromoted: bool = False, page: bool = False,
+              include_unpromoted: bool = False, page: bool = False, explain: bool = False,
               progress: Callable[[str], None] = log.info) -> Path:
     """The whole night without Prefect, in this process: lock, find, score, publish; returns this run's
-    CSV. With ``page``, the night's HTML page too (``html_report``), as the flow writes it."""
+    CSV. With ``page``, the night's HTML page too (``html_report``), as the flow writes it; with
+    ``explain``, heat maps of the flagged scans."""
+    if explain:
+        from lung_models.explain import require_tensorflow
+
+        require_tensorflow()
     run_id = str(uuid.uuid4())
     with night_lock(output_dir, ledger, lock_timeout_seconds, f"run {run_id}"):
         stamp = utc_stamp()
         incoming = find_incoming(input_dir, output_dir, settle_seconds, ledger)
         result = score_incoming(incoming, input_dir, output_dir, find_bundles(exports_dir, models, include_unpromoted),
                                 run_id, batch_size=batch_size, workers=workers, precision=precision, ledger=ledger,
-                                progress=progress)
+                                progress=progress, explain=explain)
         night_csv, cumulative = publish(output_dir, run_id, stamp, ledger, lock_timeout_seconds)
+    drift_path, drift_report = publish_drift(output_dir, result.pins, [result.drift], stamp)
+    progress(f"drift: {drift_path}: " + "; ".join(f"{m} {v['status']}" for m, v in drift_report["models"].items()))
     if page:
         from lung_models.scoring import html_report
 
         skipped = sorted({tuple(s) for s in [*incoming.skipped, *result.skipped]})
         try:
-            written = html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative)
+            written = html_report.write_night_report(output_dir, input_dir, night_csv, stamp, skipped, cumulative,
+                                                     drift=drift_report)
             progress(f"page: {written}")
         except Exception as exc:  # noqa: BLE001 - the CSVs are published; the page is not worth the night
             log.error("night report page not written: %s: %s", type(exc).__name__, exc)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from lung_models import preprocess
+from lung_models.data.catalog import negative_class
 from lung_models.data.readers import InputError, error_detail
 from lung_models.scoring import decode as decoding
 from lung_models.scoring.items import ERROR, OK, REJECTED, BundleInputError, FileChanged, Item
@@ -138,8 +139,9 @@ def _load(job: Job, root: Path, decoder: Callable[[Item, Path], decoding.Decoded
 class _ModelBatcher:
     """One model's inference buffer: inputs of several items run together, split back per item."""
 
-    def __init__(self, model: LoadedModel, batch_size: int, root: Path, stats: PipelineStats):
-        self.model, self.root, self.stats = model, root, stats
+    def __init__(self, model: LoadedModel, batch_size: int, root: Path, stats: PipelineStats, explainer=None,
+                 drift=None):
+        self.model, self.root, self.stats, self.explainer, self.drift = model, root, stats, explainer, drift
         volume = model.bundle.preprocessing["kind"] == "ct_volume"
         self.batch_size = min(batch_size, VOLUME_BATCH) if volume else batch_size
         self.params = model.bundle.preprocessing
@@ -170,20 +172,47 @@ class _ModelBatcher:
         else:
             out, start = [], 0
             for item, x in pending:
-                out.append((item, self.row(item, status=OK, **prediction(self.classes, probs[start:start + len(x)]))))
+                mine = probs[start:start + len(x)]
+                row = self.row(item, status=OK, **prediction(self.classes, mine))
+                flagged = self.explainer is not None and row["predicted_class"] != negative_class(self.classes)
+                staged = preprocess.batch_stage(x, self.params) if flagged or self.drift is not None else None
+                if self.drift is not None:
+                    self._observe(item, staged, mine)
+                if flagged:
+                    row["heatmap"] = self._heatmap(item, staged, mine, row["predicted_class"])
+                out.append((item, row))
                 start += len(x)
         self.stats.infer_seconds += time.perf_counter() - started
         return out
+
+    def _observe(self, item: Item, staged: np.ndarray, probs: np.ndarray) -> None:
+        """The scan's drift features (``drift``); a failure is logged and costs only them."""
+        try:
+            self.drift.observe(self.model.name, staged, probs, self.classes)
+        except Exception as exc:  # noqa: BLE001 - drift figures are an aid; they never cost the row
+            log.warning("%s: no drift figures of %s (%s: %s)", self.model.name, item.key, type(exc).__name__, exc)
+
+    def _heatmap(self, item: Item, staged: np.ndarray, probs: np.ndarray, predicted: str) -> str:
+        """A flagged scan's Grad-CAM heat map (``explain``), its path relative to the output folder;
+        "" when it cannot be made (logged: the row and its probabilities stand without it)."""
+        try:
+            return self.explainer.explain(self.model.bundle, item.key, item.sha256, staged, probs,
+                                          self.classes.index(predicted))
+        except Exception as exc:  # noqa: BLE001 - a heat map is an aid; it never costs the row
+            log.warning("%s: no heat map of %s (%s: %s)", self.model.name, item.key, type(exc).__name__, exc)
+            return ""
 
 
 def score(jobs: Iterable[Job], root: str | Path, *, batch_size: int = 8, workers: int | None = None,
           prefetch: int | None = None, skipped: list[tuple[str, str]] | None = None,
           decoder: Callable[[Item, Path], decoding.Decoded] | None = None,
-          stats: PipelineStats | None = None) -> Iterator[list[dict[str, Any]]]:
+          stats: PipelineStats | None = None, explainer=None, drift=None) -> Iterator[list[dict[str, Any]]]:
     """Yield rows as they are ready (lists, so a caller can commit them batch by batch): one per
     (job's item, job's model). Refused items get their refusal as the row. An item that changes while
     it is read gets no row and is added to ``skipped``. ``decoder`` replaces ``decode.decode`` (tests
-    count calls with it)."""
+    count calls with it). With an ``explainer`` (``explain.Explainer``), each scan a model flags (its
+    predicted class is not the data set's negative one) gets a heat map, named in its ``heatmap``.
+    With a ``drift`` sample (``drift.NightSample``), each ``ok`` scan's drift features are noted in it."""
     root = Path(root)
     decoder = decoder or decoding.decode
     workers = workers or default_workers()
@@ -194,7 +223,7 @@ def score(jobs: Iterable[Job], root: str | Path, *, batch_size: int = 8, workers
 
     def batcher(model: LoadedModel) -> _ModelBatcher:
         if model.name not in batchers:
-            batchers[model.name] = _ModelBatcher(model, batch_size, root, stats)
+            batchers[model.name] = _ModelBatcher(model, batch_size, root, stats, explainer, drift)
         return batchers[model.name]
 
     def finished(ready: list[tuple[Item, dict[str, Any]]]) -> list[dict[str, Any]]:

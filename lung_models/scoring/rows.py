@@ -26,7 +26,7 @@ from lung_models.scoring.items import Item
 
 COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "promoted", "predicted_class", "probability",
            "probabilities", "max_probabilities", "max_slice", "n_inputs", "status", "error", "precision",
-           "provider", "scored_utc", "bundle_sha256", "item_kind", "series_uid_hash", "run_id")
+           "provider", "scored_utc", "bundle_sha256", "item_kind", "series_uid_hash", "run_id", "heatmap")
 REQUIRED_COLUMNS = ("relative_path", "file_sha256", "model", "model_version", "bundle_sha256", "status")
 KEY_COLUMNS = ("relative_path", "file_sha256", "bundle_sha256", "model")
 _LEGACY_PROB = "prob_"  # ledgers before the fixed schema held one prob_<class> column per class
@@ -45,7 +45,8 @@ def result_row(bundle: ModelBundle, item: Item, *, provider: str = "", precision
             "model_version": bundle.version, "promoted": "yes" if bundle.promoted else "no",
             "bundle_sha256": onnx_sha256 or bundle.card["onnx_sha256"],
             "item_kind": item.file_kind, "series_uid_hash": item.series_uid_hash, "provider": provider,
-            "precision": precision, "scored_utc": utc_now(), "predicted_class": "", "error": "", **values}
+            "precision": precision, "scored_utc": utc_now(), "predicted_class": "", "error": "", "heatmap": "",
+            **values}
 
 
 def prediction(class_names: list[str], probs: np.ndarray) -> dict[str, Any]:

@@ -133,3 +133,58 @@ def test_the_cli_offers_the_data_layers_sources():
     from lung_models.data.sources import SOURCE_KINDS
 
     assert set(SOURCES) == set(SOURCE_KINDS)
+
+
+def _in_a_terminal(cmd: list[str], env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
+    """Run ``cmd`` with a pseudo-terminal as its stdout and stderr, as an operator's shell would;
+    returns its exit code and everything it wrote there."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(30), b"".join(chunks).decode(errors="replace")
+
+
+def test_scoring_in_a_terminal_draws_bars_and_in_a_pipe_logs_plain_lines(factory, tmp_path):
+    import os
+
+    from lung_models.data import phantoms
+
+    folder = tmp_path / "incoming"
+    phantoms.write_incoming(folder, seed=31, n_tiles=3, n_volumes=1, n_slices=3, corrupt=False, tile_size=256,
+                            in_plane=64, slices=30)
+    env = {k: v for k, v in os.environ.items() if k != "LUNG_FACTORY_PROGRESS"}
+    cli = [sys.executable, "-m", "flows.cli", "score", str(folder)]
+    options = ["--exports-dir", str(factory["exports"]), "--settle-seconds", "0", "--no-prefect"]
+    code, shown = _in_a_terminal([*cli, str(tmp_path / "tty"), *options], env)
+    assert code == 0, shown
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # the terminal's colour and cursor codes
+    assert "finding files in incoming" in shown and re.search(r"scoring shard \S+ .*━", shown), shown
+    assert re.search(r"\d+/\d+ scores", shown) and "scores-" in shown  # the counts drawn, then the CSV's path
+    piped = subprocess.run([*cli, str(tmp_path / "pipe"), *options], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert piped.returncode == 0, piped.stderr
+    assert "━" not in piped.stderr + piped.stdout and "\x1b[" not in piped.stdout  # no bars, no escapes in a log
+    assert piped.stdout.strip().splitlines()[-1].endswith(".csv")

@@ -174,6 +174,9 @@ def test_a_shard_whose_task_failed_is_submitted_once_more(prefect_harness, monke
         return {"shard": shard_id, "host": "h", "counts": [], "skipped": []}
 
     monkeypatch.setattr(score_mod, "score_shard", flaky_shard)
+    shares: list[tuple[float, str]] = []
+    monkeypatch.setattr(score_mod, "update_progress_artifact",
+                        lambda artifact, share, description: shares.append((share, description)))
     items = [Item(f"f{i:03d}.png", "ct_slice", "image", (f"f{i:03d}.png",), f"{i}").as_dict() for i in range(40)]
 
     @flow
@@ -184,3 +187,6 @@ def test_a_shard_whose_task_failed_is_submitted_once_more(prefect_harness, monke
     assert attempts == {f"abcdef12-s{k:04d}": (2 if k < 2 else 1) for k in range(4)}
     assert sorted(r["shard"] for r in result["shards"]) == [f"abcdef12-s{k:04d}" for k in (1, 2, 3)]
     assert len(result["failed"]) == 1 and "s0000: ConnectionError: worker lost" in result["failed"][0]
+    # The progress artifact moved as each shard ended (10 items each): three first, the failed one last.
+    assert [share for share, _ in shares] == [25.0, 50.0, 75.0, 100.0]
+    assert "10 in shards that failed twice" in shares[-1][1] and "failed" not in shares[0][1]

@@ -82,7 +82,7 @@ def test_the_night_page_shows_counts_and_every_thumbnail_in_chromium_and_the_art
     fresh = _incoming(folder)
     out = tmp_path / "out"
     state = score_folder(input_dir=str(folder), output_dir=str(out), exports_dir=str(factory["exports"]),
-                         settle_seconds=60, return_state=True)
+                         settle_seconds=60, explain=True, return_state=True)
     night_csv = Path(state.result())
     pages = list(out.glob("report-*.html"))
     assert len(pages) == 1 and pages[0].name == night_csv.name.replace("scores-", "report-").replace(".csv", ".html")
@@ -104,6 +104,27 @@ def test_the_night_page_shows_counts_and_every_thumbnail_in_chromium_and_the_art
     thumbs = int(re.search(r"data-thumbs=\"(\d+)\"", dom).group(1))
     shown = int(re.search(r"data-shown=\"(\d+)\"", dom).group(1))
     assert thumbs == shown == len(flagged)  # every flagged scan has a picture the browser drew
+    # Heat maps (--explain): every flagged row of a model with a convolutional layer names its PNG, and the
+    # page shows it; a model whose features come from an opaque TF-Hub module has none to show.
+    from lung_models import explain
+    from lung_models.bundle import load_bundle
+
+    explainable = {}
+    for model in {r["model"] for r in flagged}:
+        bundle = load_bundle(factory["bundles"][model])
+        try:
+            zeros = np.zeros((1, *bundle.card["input"]["shape"][1:]), "float32")
+            explain.grad_cam(explain.keras_model(bundle), zeros, 0)
+            explainable[model] = True
+        except ValueError:
+            explainable[model] = False
+    assert any(explainable.values())
+    for r in flagged:
+        assert bool(r["heatmap"]) == explainable[r["model"]], r
+        if r["heatmap"]:
+            assert (out / r["heatmap"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert dom.count("class=\"heat\"") == sum(1 for r in flagged if r["heatmap"])
+    assert all(not r["heatmap"] for r in rows if r not in flagged)  # only flagged scans are explained
     assert "broken_scan.nii.gz" in dom and fresh.name in dom  # the refused file and the skipped one, with reasons
     assert "http://" not in pages[0].read_text() and "https://" not in pages[0].read_text()  # self-contained
 
@@ -119,7 +140,9 @@ def test_the_night_page_shows_counts_and_every_thumbnail_in_chromium_and_the_art
     assert f"find new files in {folder}" in tasks and "publish the night's reports" in tasks
     assert any(re.fullmatch(r"shard [0-9a-f]{8}-s\d{4}", t) for t in tasks), tasks
     by_key = {a.key: a for a in artifacts}
-    assert {"nightly-scoring-report", "nightly-scoring-counts", "nightly-scoring-problems"} <= set(by_key)
+    assert {"nightly-scoring-report", "nightly-scoring-counts", "nightly-scoring-problems",
+            "nightly-scoring-progress"} <= set(by_key)
+    assert float(by_key["nightly-scoring-progress"].data) == 100.0  # every shard ended
     table = by_key["nightly-scoring-counts"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert {t["model"]: t["ok"] for t in table} == {m: counts[(m, "ok")] for m in {r["model"] for r in rows}}

@@ -37,6 +37,12 @@ def test_a_scoring_only_install_scores_the_exported_bundles_without_tensorflow(f
     present = _run([python, "-c", "import importlib.util as u; "
                     f"print(' '.join(m for m in {TRAINING_ONLY!r} if u.find_spec(m)))"], 60).stdout.split()
     assert present == [], f"a scoring install pulled in {present}"
+    # The operator's listing commands work there too.
+    listed = _run([str(venv / "bin" / "lung-factory"), "models"], 120).stdout
+    assert all(name in listed for name in factory["bundles"])
+    versions = _run([str(venv / "bin" / "lung-factory"), "bundles", "list", "--exports-dir",
+                     str(factory["exports"])], 120).stdout
+    assert all(name in versions for name in factory["bundles"])
 
     folder = tmp_path / "incoming"
     phantoms.write_incoming(folder, seed=23, n_tiles=2, n_volumes=1, n_slices=2, corrupt=True, tile_size=256,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -23,7 +24,7 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
     path = Path(factory["bundles"][name])
     bundle = load_bundle(path)
     for f in ("model.onnx", "model_card.json", "metrics.json", "split_manifest.json", "history.json",
-              "training_curves.png", "confusion_matrix.png", "roc.png", "model.keras"):
+              "training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png", "model.keras"):
         assert (path / f).is_file(), f
     card = bundle.card
     assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
@@ -52,6 +53,26 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
     assert factory["promoted_at_export"][name] == (path.name if verdict["passed"] else None)
     chance = max(c["support"] for c in metrics["per_class"].values()) / metrics["n"]
     assert verdict["passed"] == (metrics["accuracy_ci95_wilson"][0] > chance)
+    # Calibration: fitted on validation, measured on test; the graph the scorer runs outputs the
+    # calibrated probabilities of the Keras model.
+    calibrated = card["calibration"]
+    assert calibrated["fitted_on"]["split"] == "val" and calibrated["bins"] == 15
+    assert 0.05 <= calibrated["temperature"] <= 20
+    assert calibrated["fitted_on"]["nll_after"] <= calibrated["fitted_on"]["nll_before"] + 1e-9
+    test = calibrated["test"]
+    assert test["n"] == metrics["n"] and test["accuracy_after"] == test["accuracy_before"] == metrics["accuracy"]
+    assert sum(b["count"] for b in test["bins_after"]) == test["n"] and 0 <= test["ece_after"] <= 1
+    from lung_models import calibration, preprocess, training
+    from lung_models.data.datasets import PreparedData
+    from lung_models.export import ort_session, probability_function
+
+    x, _ = PreparedData(Path(card["data"]["cache"])).arrays("test")
+    batch = preprocess.batch_stage(x[:4], card["preprocessing"])
+    keras_probs = probability_function(training.load_checkpoint(path / "model.keras"), registry.get(name).spec.output,
+                                       tuple(batch.shape[1:]))(batch).numpy()
+    session = ort_session(path / "model.onnx")
+    scored = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    assert np.abs(scored - calibration.apply_temperature(keras_probs, calibrated["temperature"])).max() < 1e-4
     props = {p.key: p.value for p in onnx.load(str(path / "model.onnx")).metadata_props}
     assert props["model_name"] == name and props["version"] == card["version"]
     assert json.loads(props["class_names"]) == card["model"]["class_names"]

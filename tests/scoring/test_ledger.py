@@ -477,10 +477,20 @@ def test_publish_removes_temp_files_left_by_a_killed_writer(ledger):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = ledger.output_dir / f".scores-n1.csv.{int(gone.stdout)}.abc123.tmp"
     live = ledger.output_dir / f".scores-n1.csv.{os.getpid()}.def456.tmp"  # a writer still at work
+    page = ledger.output_dir / f".report-n0.html.{int(gone.stdout)}.ghi789.tmp"  # a page writer killed mid-page
+    live_page = ledger.output_dir / f".report-n0.html.{os.getpid()}.jkl012.tmp"
+    heat = ledger.output_dir / "heatmaps" / "m" / "v1"
+    heat.mkdir(parents=True)
+    dead_map = heat / f".a.png-0123.png.{int(gone.stdout)}.mno345.tmp"  # a heat map writer killed mid-file
+    theirs = ledger.output_dir / f".photo.png.{int(gone.stdout)}.pqr678.tmp"  # not ours: only heatmaps/ holds ours
     stale.write_text("relative_path\npartial")
     live.write_text("relative_path\n")
+    for path in (page, live_page, dead_map, theirs):
+        path.write_text("x")
     ledger.publish("run1", "n1")
     assert not stale.exists() and live.exists()
+    assert not page.exists() and live_page.exists()
+    assert not dead_map.exists() and theirs.exists()
 
 
 def test_a_temp_file_of_another_host_is_judged_by_its_age_alone(ledger):

@@ -1,0 +1,272 @@
+"""Grad-CAM heat maps (Selvaraju et al. 2017) for the scans a model flags: where it looked.
+
+ONNX Runtime has no gradients, so a heat map comes from the bundle's Keras model (``model.keras``,
+hence TensorFlow: the ``train`` extra), checked against the sha256 its export recorded and loaded
+in Keras' safe mode. Its target is the model's last convolutional feature map (see ``_target``:
+the output of the last convolutional block, 2-D or, for the 3-D model, 3-D), found in the forward
+pass itself, however deeply the block is nested; an ensemble's is its first submodel's, a model
+that averages flipped views of its input (test-time augmentation) is explained on the first,
+unflipped view. The gradient of the predicted class's score with respect to that map, averaged
+over its spatial axes, weighs its channels; their weighted sum, kept where positive and resized
+to the input, is the heat map.
+
+The map is caught by wrapping every layer's ``call`` for the duration of one forward pass under a
+gradient tape: a wrapped call returns the very tensor the rest of the model uses, so the tape can
+differentiate with respect to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+HEATMAP_DIR = "heatmaps"
+CONV_TYPES = ("Conv1D", "Conv2D", "Conv3D", "SeparableConv2D", "DepthwiseConv2D")
+SLICES_SHOWN = 3  # axial slices of a volume shown, where its heat map is strongest
+MIN_SIDE = 192  # pixels: a smaller picture is enlarged by a whole factor
+
+
+class ExplainUnavailable(RuntimeError):
+    pass
+
+
+def require_tensorflow() -> None:
+    """Heat maps need the bundle's Keras model, hence TensorFlow: say which extra brings it."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
+        raise ExplainUnavailable("heat maps (--explain) need TensorFlow to run the bundles' Keras models; install "
+                                 "the training extra (pip install 'lung-factory[train]') or score without --explain")
+
+
+def _leaves(layer, seen: set[int] | None = None) -> list:
+    """Every layer of ``layer`` that is not itself a model, nested models' layers included, once each."""
+    seen = set() if seen is None else seen
+    out = []
+    for child in getattr(layer, "layers", None) or []:
+        if getattr(child, "layers", None):
+            out.extend(_leaves(child, seen))
+        elif id(child) not in seen:
+            seen.add(id(child))
+            out.append(child)
+    return out
+
+
+def _target(events: list[tuple[Any, Any]]):
+    """The last convolutional feature map of a forward pass, from its layer calls in order: the
+    last spatial output (rank 4 or 5) before the first flat one that follows a convolution (where
+    a Flatten, a global pooling or a Dense takes over). That is the output of the last convolutional
+    block, after its activation, pooling, residual add or concatenation: ResNet50's
+    conv5_block3_out, InceptionV3's mixed layer. In a model that runs a submodel more than once
+    (test-time augmentation) it is the first run's, on the unflipped view."""
+    seen_conv, last_spatial = False, None
+    for layer, out in events:
+        rank = len(getattr(out, "shape", ()))
+        if type(layer).__name__ in CONV_TYPES:
+            seen_conv = True
+        if rank >= 4:
+            last_spatial = (layer, out)
+        elif seen_conv and last_spatial is not None and rank <= 2:
+            return last_spatial
+    return last_spatial if seen_conv else None
+
+
+def grad_cam(model, x: np.ndarray, class_index: int) -> np.ndarray:
+    """The Grad-CAM map of ``class_index`` for one model input ``x`` (a batch of one), resized to
+    the input's spatial shape and scaled to [0, 1] (all zeros when nothing supports the class)."""
+    return grad_cam_with_target(model, x, class_index)[0]
+
+
+def grad_cam_with_target(model, x: np.ndarray, class_index: int) -> tuple[np.ndarray, str]:
+    """``grad_cam`` and the name of the layer whose output it weighed. Raises ValueError for a
+    model with no convolutional feature map in sight."""
+    import tensorflow as tf
+    from scipy.ndimage import zoom
+
+    events: list[tuple[Any, Any]] = []
+    layers = _leaves(model)
+
+    def catching(layer, original):
+        def call(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if tf.is_tensor(out):
+                tape.watch(out)  # frozen backbones hold no trainable variables for the tape to follow
+                events.append((layer, out))
+            return out
+        return call
+
+    wrapped = []
+    with tf.GradientTape() as tape:
+        try:
+            for layer in layers:
+                layer.call = catching(layer, layer.call)
+                wrapped.append(layer)
+            probs = model(tf.convert_to_tensor(x, dtype=tf.float32), training=False)
+        finally:
+            for layer in wrapped:
+                del layer.call  # the class's own method again
+        if probs.shape[-1] == 1:  # one sigmoid unit: P(class 1)
+            score = probs[:, 0] if class_index == 1 else 1.0 - probs[:, 0]
+        else:
+            score = probs[:, class_index]
+    target = _target(events)
+    if target is None:
+        raise ValueError(f"{model.name}: no convolutional feature map Keras can see (a TF-Hub module's layers "
+                         "are opaque), so no heat map")
+    grads = tape.gradient(score, target[1])
+    if grads is None:
+        raise ValueError(f"{model.name}: the score does not depend on {target[0].name}")
+    maps = np.asarray(target[1])[0]  # (*spatial, channels)
+    weights = np.asarray(grads)[0].mean(axis=tuple(range(maps.ndim - 1)))
+    cam = np.maximum((maps * weights).sum(axis=-1), 0.0)
+    spatial = x.shape[1:-1] if x.ndim == maps.ndim + 1 else x.shape[1:]
+    cam = zoom(cam, [s / c for s, c in zip(spatial, cam.shape)], order=1)
+    peak = float(cam.max())
+    return (cam / peak if peak > 0 else np.zeros_like(cam)).astype(np.float32), target[0].name
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """A model input (H, W[, C]) as 8-bit grey or RGB for display, whatever its scale."""
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(img)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    return img.astype(np.uint8)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with the heat map laid over it in colour (jet), weighted by the map itself so cold
+    regions show the image unchanged."""
+    from matplotlib import colormaps
+
+    base = _grey(image)
+    rgb = np.repeat(base[..., None], 3, axis=2) if base.ndim == 2 else base[..., :3]
+    heat = colormaps["jet"](cam)[..., :3] * 255.0
+    weight = alpha * cam[..., None]
+    return np.clip(rgb * (1 - weight) + heat * weight, 0, 255).astype(np.uint8)
+
+
+def _axial(volume: np.ndarray, k: int) -> np.ndarray:
+    """Axial slice ``k`` of an (x, y, z) RAS array as a viewer shows it (anterior up, patient right
+    on the left), as the night page's thumbnails do."""
+    return volume[::-1, ::-1, k].T
+
+
+def render(x: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The PNG's pixels: a 2-D input with its map; a volume (x, y, z) as its ``SLICES_SHOWN`` axial
+    slices where the map is strongest, side by side, most inferior first."""
+    image = x[0]
+    if cam.ndim == 2:
+        return overlay(image, cam)
+    volume = image[..., 0] if image.ndim == 4 else image
+    strongest = np.argsort(cam.reshape(-1, cam.shape[-1]).max(axis=0))[::-1][:SLICES_SHOWN]
+    tiles = [overlay(_axial(volume, int(k)), _axial(cam, int(k))) for k in sorted(strongest)]
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([t if i == 0 else np.concatenate([gap, t], axis=1) for i, t in enumerate(tiles)], axis=1)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "x"
+
+
+def heatmap_name(model: str, version: str, key: str, sha256: str) -> str:
+    """Where an item's heat map goes, relative to the output folder: one file per (model version,
+    scan content), named after the scan so a reader recognises it."""
+    stem = _safe(re.sub(r"[^A-Za-z0-9._-]+", "_", key)[-120:])
+    return f"{HEATMAP_DIR}/{_safe(model)}/{_safe(version)}/{stem}-{sha256[:12]}.png"
+
+
+# The Keras models of the bundles this process explains with, loaded once and kept for the shards
+# after (a Dask worker lives for many); a model that cannot be loaded is remembered with its error.
+_models_lock = threading.Lock()
+_models: dict[tuple[str, str], Any] = {}
+
+
+def keras_model(bundle):
+    """The bundle's Keras model, checked against the sha256 its export recorded and loaded in Keras'
+    safe mode (a scoring host never runs deserialised code). Raises what stops it, every time."""
+    from lung_models.fileutil import sha256_file
+
+    path = Path(bundle.path) / "model.keras"
+    expected = (bundle.card.get("files") or {}).get("model.keras", {}).get("sha256", "")
+    key = (str(path), expected)
+    with _models_lock:
+        if key not in _models:
+            try:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no Keras model in the bundle; re-export the model or score "
+                                            "without --explain")
+                if not expected:
+                    raise ValueError(f"{bundle.name} {bundle.version}: its card records no sha256 of model.keras "
+                                     "(exported before heat maps); re-export it to explain its scans")
+                actual = sha256_file(path)
+                if actual != expected:
+                    raise ValueError(f"{path}: sha256 {actual[:12]}... is not the {expected[:12]}... its export "
+                                     "recorded; the bundle was changed after export")
+                _models[key] = _load(path)
+            except Exception as exc:  # noqa: BLE001 - remembered: not tried again for every flagged scan
+                _models[key] = exc
+        found = _models[key]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def _load(path: Path):
+    import importlib
+
+    import keras
+
+    from lung_models import registry
+
+    registry.load_all()
+    importlib.import_module(registry.KERAS_MODULE)  # the families' custom layers, registered by name
+    return keras.models.load_model(path, safe_mode=True)
+
+
+def forget_models(keep: list[str]) -> None:
+    """Drop the Keras models of bundles no longer pinned (a long-lived worker between nights)."""
+    with _models_lock:
+        for key in [k for k in _models if str(Path(k[0]).parent) not in keep]:
+            del _models[key]
+
+
+class Explainer:
+    """Heat maps for one night's output folder, with the Keras models this process holds."""
+
+    def __init__(self, output_dir: str | Path):
+        require_tensorflow()
+        self.output_dir = Path(output_dir)
+        self._lock = threading.Lock()
+
+    def explain(self, bundle, key: str, sha256: str, inputs: np.ndarray, probs: np.ndarray, class_index: int) -> str:
+        """Write the heat map of ``class_index`` for one scan's model inputs (already batch-staged)
+        and return its path relative to the output folder. Several 2-D inputs (a volume's slices):
+        the one where the class is most probable."""
+        from PIL import Image
+
+        from lung_models.fileutil import atomic_writer
+
+        pick = int(np.argmax(np.asarray(probs).reshape(len(inputs), -1)[:, class_index]))
+        x = inputs[pick:pick + 1]
+        model = keras_model(bundle)
+        with self._lock, _models_lock:  # one pass at a time: the layers' calls are wrapped during it
+            cam = grad_cam(model, x, class_index)
+        rel = heatmap_name(bundle.name, bundle.version, key, sha256)
+        path = self.output_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(render(x, cam))
+        scale = -(-MIN_SIDE // min(picture.size))
+        if scale > 1:  # a small model input (the demo's 96 px) would be a stamp on the page
+            picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BILINEAR)
+        with atomic_writer(path, binary=True) as handle:
+            picture.save(handle, format="PNG")
+        return rel

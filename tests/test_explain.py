@@ -1,0 +1,117 @@
+"""Grad-CAM heat maps: they must point at the finding.
+
+A small CNN learns cancerous from normal generated CT slices; on held-out cancerous slices it
+flags, the heat map's peak must fall inside the tumour (dilated by 3 pixels) far more often than a
+random point of the slice would. Where the tumour is comes from the phantom itself: a slice drawn
+with the same seed as a normal slice differs from it only where the tumour was painted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation
+
+from lung_models import explain
+from lung_models.data.phantoms.chest_slices import ct_slice
+
+SIZE = 96
+DILATE = 3
+
+
+def _slice_and_tumour(seed: int, i: int, cancerous: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    normal = ct_slice("normal", np.random.default_rng([seed, i]), size=SIZE, window="wide")
+    if not cancerous:
+        return normal, None
+    cancer = ct_slice("Cancerous", np.random.default_rng([seed, i]), size=SIZE, window="wide")
+    return cancer, np.abs(cancer.astype(np.int16) - normal.astype(np.int16)) > 20
+
+
+def _data(seed: int, n: int):
+    xs, ys, masks = [], [], []
+    for i in range(n):
+        image, mask = _slice_and_tumour(seed, i, cancerous=bool(i % 2))
+        xs.append(np.repeat(image[:, :, None], 3, axis=2).astype(np.float32))
+        ys.append(int(i % 2))
+        masks.append(mask)
+    return np.stack(xs), np.array(ys), masks
+
+
+def _small_cnn():
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = layers.Rescaling(1 / 255)(inputs)
+    for filters in (16, 32, 64):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = layers.Dropout(0.3)(layers.GlobalMaxPooling2D()(x))  # a finding anywhere in the slice
+    return keras.Model(inputs, layers.Dense(2, activation="softmax")(x))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    import keras
+
+    keras.utils.set_random_seed(5)
+    x, y, _ = _data(seed=11, n=600)
+    model = _small_cnn()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=30, batch_size=32, verbose=0)
+    return model
+
+
+def test_the_last_convolutional_feature_map_is_found_inside_nested_models():
+    import keras
+    from keras import layers
+
+    inner_in = keras.Input((16, 16, 3))
+    block = layers.Activation("relu", name="block_out")(layers.Conv2D(4, 3, name="inner_conv")(
+        layers.Conv2D(4, 3)(inner_in)))
+    inner = keras.Model(inner_in, block, name="inner")
+    outer_in = keras.Input((16, 16, 3))
+    outer = keras.Model(outer_in, layers.Dense(2)(layers.GlobalAveragePooling2D()(inner(outer_in))))
+    x = np.random.default_rng(0).random((1, 16, 16, 3)).astype("float32")
+    cam, layer = explain.grad_cam_with_target(outer, x, 1)
+    assert layer == "block_out"  # the block's output, after its activation, inside the nested model
+    assert cam.shape == (16, 16) and 0 <= cam.min() and cam.max() <= 1
+    assert not any("call" in vars(lay) for lay in inner.layers)  # every layer's own method again
+    flat_in = keras.Input((16, 16, 3))
+    no_conv = keras.Model(flat_in, layers.Dense(2)(layers.Flatten()(flat_in)))
+    with pytest.raises(ValueError, match="no convolutional feature map"):
+        explain.grad_cam(no_conv, x, 0)
+
+
+def test_the_heat_map_peak_falls_inside_the_tumour_far_more_often_than_chance(trained):
+    x, y, masks = _data(seed=23, n=160)
+    probs = trained.predict(x, verbose=0)
+    accuracy = float((probs.argmax(1) == y).mean())
+    hits, chance, flagged = [], [], 0
+    for i in np.flatnonzero((y == 1) & (probs.argmax(1) == 1)):
+        if masks[i].sum() < 4:  # a tumour the slice barely shows (cut at its edge): nothing to point at
+            continue
+        flagged += 1
+        region = binary_dilation(masks[i], iterations=DILATE)
+        cam = explain.grad_cam(trained, x[i:i + 1], 1)
+        peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        hits.append(bool(region[peak]))
+        chance.append(float(region.mean()))  # where a random point of the slice would land
+    rate, chance_rate = float(np.mean(hits)), float(np.mean(chance))
+    print(f"accuracy {accuracy:.3f}; Grad-CAM peak inside the tumour (dilated {DILATE} px) in {sum(hits)}/{flagged} "
+          f"flagged cancerous slices = {rate:.3f}; a random point: {chance_rate:.3f}")
+    assert accuracy > 0.65 and flagged >= 20  # the model learnt the task, so there is something to explain
+    assert rate > 3 * chance_rate
+
+
+def test_a_volume_is_shown_on_the_axial_slices_where_its_map_is_strongest():
+    volume = np.zeros((1, 20, 20, 10, 1), np.float32)
+    cam = np.zeros((20, 20, 10), np.float32)
+    cam[5:8, 5:8, 7] = 1.0
+    cam[5:8, 5:8, 2] = 0.5
+    cam[:, :, 4] = 0.2
+    picture = explain.render(volume, cam)
+    assert picture.shape == (20, 3 * 20 + 2 * 4, 3)  # three slices with two gaps
+    assert explain.heatmap_name("chest-cnn", "v1", "ward 3/scan #1.dcm", "ab" * 32) == \
+        "heatmaps/chest-cnn/v1/ward_3_scan_1.dcm-abababababab.png"
