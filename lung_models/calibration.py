@@ -42,9 +42,10 @@ def negative_log_likelihood(probs: np.ndarray, y: np.ndarray) -> float:
 def fit_temperature(probs: np.ndarray, y: np.ndarray) -> tuple[float, str]:
     """The ``T`` in ``T_RANGE`` that minimises the negative log-likelihood of ``y`` under the scaled
     probabilities (a bounded search over log T: the likelihood is smooth and has one minimum there),
-    with why when it is left at 1. Not fitted: no validation items; every one right (the likelihood
-    then only grows as T falls, and the search would run to its bound and make the model certain of
-    everything); an optimum at a bound of the range; a fit no better than leaving the model alone."""
+    with how it was found. Left at 1: no validation items; every one right (the likelihood then only
+    grows as T falls, and the search would run to its floor and make the model certain of
+    everything); a fit no better than leaving the model alone. An optimum at the range's edge is
+    kept and said (a model confidently wrong beyond what one temperature can soften)."""
     from scipy.optimize import minimize_scalar
 
     probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y, dtype=int)
@@ -55,11 +56,12 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> tuple[float, str]:
     bounds = np.log(T_RANGE)
     found = minimize_scalar(lambda log_t: negative_log_likelihood(apply_temperature(probs, np.exp(log_t)), y),
                             bounds=tuple(bounds), method="bounded", options={"xatol": 1e-4})
-    if min(abs(found.x - bounds[0]), abs(found.x - bounds[1])) < 0.01:
-        return 1.0, f"not fitted: the optimum lies at the edge of T in {T_RANGE} (too few or too easy validation items)"
     t = float(np.exp(found.x))
-    if negative_log_likelihood(apply_temperature(probs, t), y) >= negative_log_likelihood(probs, y):
+    if negative_log_likelihood(apply_temperature(probs, t), y) >= negative_log_likelihood(apply_temperature(probs, 1.0),
+                                                                                          y):
         return 1.0, "not fitted: no temperature beats leaving the model alone"
+    if min(abs(found.x - bounds[0]), abs(found.x - bounds[1])) < 0.01:
+        return t, f"fitted, at the edge of the searched range {T_RANGE}: the model's confidence is far off"
     return t, "fitted"
 
 
@@ -90,12 +92,13 @@ def calibrate(val_probs: np.ndarray, val_y: np.ndarray, test_probs: np.ndarray, 
     """Fit ``T`` on validation; the card's calibration record with the test split's reliability
     before and after, and the accuracy both ways (equal: scaling keeps every arg-max)."""
     t, how = fit_temperature(val_probs, val_y)
+    val_unscaled = apply_temperature(val_probs, 1.0)  # renormalised like every scaled one, so T = 1 compares equal
     before, after = reliability(test_probs, test_y, bins), reliability(apply_temperature(test_probs, t), test_y, bins)
     test_y = np.asarray(test_y, dtype=int)
     return {
-        "method": METHOD, "temperature": t, "fitted": how == "fitted", "fit": how, "bins": bins,
+        "method": METHOD, "temperature": t, "fitted": how.startswith("fitted"), "fit": how, "bins": bins,
         "fitted_on": {"split": "val", "n": int(len(val_y)),
-                      "nll_before": negative_log_likelihood(val_probs, val_y) if len(val_y) else None,
+                      "nll_before": negative_log_likelihood(val_unscaled, val_y) if len(val_y) else None,
                       "nll_after": negative_log_likelihood(apply_temperature(val_probs, t), val_y)
                       if len(val_y) else None},
         "test": {"n": int(len(test_y)), "ece_before": before["ece"], "ece_after": after["ece"],

@@ -184,12 +184,13 @@ def judged(report: dict[str, Any]) -> bool:
 
 def write(output_dir: str | Path, report: dict[str, Any], stamp: str) -> Path:
     """``drift-<stamp>.json`` (kept, one per run) and ``drift.json``: the latest run that judged a
-    model, so a run with too few inputs (a trickle, an empty folder) does not hide the last verdict."""
+    model (or the first run), so a run with too few inputs (a trickle, an empty folder) does not hide
+    the last verdict."""
     from lung_models.fileutil import atomic_write_json
 
     out = Path(output_dir)
     path = out / f"drift-{stamp}.json"
     atomic_write_json(path, report)
-    if judged(report):
+    if judged(report) or not (out / "drift.json").exists():
         atomic_write_json(out / "drift.json", report)
     return path

@@ -100,6 +100,9 @@ def test_an_unreadable_reference_costs_its_model_only_and_drift_json_keeps_the_l
         x = _input(image)
         sample.observe("a", x, _model(x), CLASSES)
         sample.observe("b", x, _model(x), CLASSES)
+    first = drift.night_report(pins, {}, "n0")  # a first run with nothing to judge still leaves drift.json
+    drift.write(tmp_path / "out", first, "n0")
+    assert (tmp_path / "out" / "drift.json").is_file()
     report = drift.night_report(pins, drift.merge([sample.as_dict()]), "n1")
     assert report["models"]["a"]["status"] == "no drift" and report["models"]["b"]["status"] == "error"
     drift.write(tmp_path / "out", report, "n1")

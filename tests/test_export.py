@@ -16,7 +16,7 @@ from lung_models.fileutil import current_umask
 @pytest.mark.parametrize("name", registry.names())
 def test_onnx_file_reproduces_the_saved_keras_model(factory, name):
     """Independently of the export's own parity record: run the bundle's ONNX file and its Keras
-    checkpoint on the same inputs and compare."""
+    checkpoint (with the temperature its card records) on the same inputs and compare."""
     from lung_models import export, scoring, training
 
     bundle = load_bundle(factory["bundles"][name])
@@ -24,7 +24,8 @@ def test_onnx_file_reproduces_the_saved_keras_model(factory, name):
     x = np.random.default_rng(0).random((3, *bundle.card["input"]["shape"][1:]), dtype=np.float32)
     if bundle.preprocessing.get("scale") == 1.0:
         x *= 255  # models that rescale inside take 0-255 pixels
-    keras_probs = export.probability_function(model, registry.get(name).spec.output, x.shape[1:])(x).numpy()
+    keras_probs = export.probability_function(model, registry.get(name).spec.output, x.shape[1:],
+                                              bundle.card["calibration"]["temperature"])(x).numpy()
     onnx_probs = scoring.predict(scoring.open_model(bundle), x)
     assert np.isfinite(onnx_probs).all() and np.abs(onnx_probs - keras_probs).max() <= 1e-4
     np.testing.assert_allclose(onnx_probs.sum(axis=1), 1.0, atol=1e-5)
