@@ -60,22 +60,25 @@ def _leaves(layer, seen: set[int] | None = None) -> list:
 
 
 def _target(events: list[tuple[Any, Any]]):
-    """The last convolutional feature map of a forward pass, from its layer calls in order: the
-    last spatial output (rank 4 or 5) before the first flat one that follows a convolution (where
-    a Flatten, a global pooling or a Dense takes over). That is the output of the last convolutional
-    block, after its activation, pooling, residual add or concatenation: ResNet50's
-    conv5_block3_out, InceptionV3's mixed layer. In a model that runs a submodel more than once
-    (test-time augmentation) it is the first run's, on the unflipped view."""
-    seen_conv, last_spatial = False, None
+    """The last convolutional layer's map in a forward pass, from its layer calls in order: the
+    output of the last convolution before the first flat output (where a Flatten, a global pooling
+    or a Dense takes over), carried through what completes its block at the same resolution
+    (normalisation, activation, a residual add, a concatenation of branches) but not through a
+    pooling: ResNet50's conv5_block3_out, InceptionV3's mixed layer, a plain CNN's last Conv2D or
+    Conv3D with its ReLU. In a model that runs a submodel more than once (test-time augmentation)
+    it is the first run's, on the unflipped view."""
+    candidate, in_block = None, False
     for layer, out in events:
-        rank = len(getattr(out, "shape", ()))
-        if type(layer).__name__ in CONV_TYPES:
-            seen_conv = True
-        if rank >= 4:
-            last_spatial = (layer, out)
-        elif seen_conv and last_spatial is not None and rank <= 2:
-            return last_spatial
-    return last_spatial if seen_conv else None
+        rank, kind = len(getattr(out, "shape", ()) or ()), type(layer).__name__
+        if kind in CONV_TYPES:
+            candidate, in_block = (layer, out), True
+        elif "Pooling" in kind or "Pool" in kind:
+            in_block = False
+        elif rank >= 4 and in_block:
+            candidate = (layer, out)
+        if rank <= 2 and candidate is not None:
+            return candidate
+    return candidate
 
 
 def grad_cam(model, x: np.ndarray, class_index: int) -> np.ndarray:
