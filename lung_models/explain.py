@@ -248,7 +248,6 @@ class Explainer:
     def __init__(self, output_dir: str | Path):
         require_tensorflow()
         self.output_dir = Path(output_dir)
-        self._lock = threading.Lock()
 
     def explain(self, bundle, key: str, sha256: str, inputs: np.ndarray, probs: np.ndarray, class_index: int) -> str:
         """Write the heat map of ``class_index`` for one scan's model inputs (already batch-staged)
@@ -261,7 +260,7 @@ class Explainer:
         pick = int(np.argmax(np.asarray(probs).reshape(len(inputs), -1)[:, class_index]))
         x = inputs[pick:pick + 1]
         model = keras_model(bundle)
-        with self._lock, _models_lock:  # one pass at a time: the layers' calls are wrapped during it
+        with _models_lock:  # one pass at a time in this process: the layers' calls are wrapped during it
             cam = grad_cam(model, x, class_index)
         rel = heatmap_name(bundle.name, bundle.version, key, sha256)
         path = self.output_dir / rel

@@ -146,6 +146,7 @@ class _ModelBatcher:
         self.batch_size = min(batch_size, VOLUME_BATCH) if volume else batch_size
         self.params = model.bundle.preprocessing
         self.classes = model.bundle.class_names
+        self.negative = negative_class(self.classes)  # a prediction other than this is a flagged scan
         self.row = _row_maker(model)
         self.pending: list[tuple[Item, np.ndarray]] = []
         self.count = 0
@@ -174,7 +175,7 @@ class _ModelBatcher:
             for item, x in pending:
                 mine = probs[start:start + len(x)]
                 row = self.row(item, status=OK, **prediction(self.classes, mine))
-                flagged = self.explainer is not None and row["predicted_class"] != negative_class(self.classes)
+                flagged = self.explainer is not None and row["predicted_class"] != self.negative
                 staged = preprocess.batch_stage(x, self.params) if flagged or self.drift is not None else None
                 if self.drift is not None:
                     self._observe(item, staged, mine)
