@@ -13,6 +13,12 @@ to the input, is the heat map.
 The map is caught by wrapping every layer's ``call`` for the duration of one forward pass under a
 gradient tape: a wrapped call returns the very tensor the rest of the model uses, so the tape can
 differentiate with respect to it.
+
+A model whose convolutions Keras cannot see (``ct-inception-hub`` with its TF-Hub module, a
+SavedModel called as one layer) has no map to weigh; its heat map is SmoothGrad (Smilkov et al.
+2017) instead: the gradient of the class's score with respect to the input pixels, averaged over
+noisy copies of the input and smoothed, which needs nothing but a differentiable model. Each PNG
+says which method drew it (its ``Description`` text, shown by the night page).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +35,21 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HEATMAP_DIR = "heatmaps"
+HUB_DIR = "tfhub_module"  # a bundle's copy of the TF-Hub SavedModel its Keras model calls
 CONV_TYPES = ("Conv1D", "Conv2D", "Conv3D", "SeparableConv2D", "DepthwiseConv2D")
 SLICES_SHOWN = 3  # axial slices of a volume shown, where its heat map is strongest
 MIN_SIDE = 192  # pixels: a smaller picture is enlarged by a whole factor
+# SmoothGrad's noisy copies and their spread (a share of the input's range): the paper's suggested
+# 10-20 % noise; 16 copies in batches of 8 keep an InceptionV3 pass at 299 px within a CPU's memory.
+SMOOTHGRAD_SAMPLES, SMOOTHGRAD_NOISE, SMOOTHGRAD_BATCH = 16, 0.15, 8
 
 
 class ExplainUnavailable(RuntimeError):
     pass
+
+
+class NoFeatureMap(ValueError):
+    """The model has no convolutional feature map Keras can see (Grad-CAM has nothing to weigh)."""
 
 
 def require_tensorflow() -> None:
@@ -88,51 +103,152 @@ def grad_cam(model, x: np.ndarray, class_index: int) -> np.ndarray:
 
 
 def grad_cam_with_target(model, x: np.ndarray, class_index: int) -> tuple[np.ndarray, str]:
-    """``grad_cam`` and the name of the layer whose output it weighed. Raises ValueError for a
+    """``grad_cam`` and the name of the layer whose output it weighed. Raises NoFeatureMap for a
     model with no convolutional feature map in sight."""
+    cams, layer = grad_cam_batch(model, x[:1], class_index)
+    return cams[0], layer
+
+
+def grad_cam_batch(model, x: np.ndarray, class_index: int) -> tuple[np.ndarray, str]:
+    """``grad_cam`` of every item of the batch ``x`` (items are independent: the model runs in
+    inference mode), with the target layer's name."""
     import tensorflow as tf
     from scipy.ndimage import zoom
 
-    events: list[tuple[Any, Any]] = []
-    layers = _leaves(model)
+    run, meta = _traced(model, "cam", class_index)
+    try:
+        maps, grads = (np.asarray(t) for t in run(tf.convert_to_tensor(x, dtype=tf.float32)))
+    except NoFeatureMap as exc:  # found while tracing: remembered
+        _functions[model]["no_map"] = exc
+        raise
+    spatial = x.shape[1:-1] if x.ndim == maps.ndim else x.shape[1:]
+    cams = []
+    for m, g in zip(maps, grads):  # m: (*spatial, channels)
+        cam = np.maximum((m * g.mean(axis=tuple(range(m.ndim - 1)))).sum(axis=-1), 0.0)
+        cam = zoom(cam, [s / c for s, c in zip(spatial, cam.shape)], order=1)
+        peak = float(cam.max())
+        cams.append(cam / peak if peak > 0 else np.zeros_like(cam))
+    return np.stack(cams).astype(np.float32), meta["layer"]
 
-    def catching(layer, original):
-        def call(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if tf.is_tensor(out):
-                tape.watch(out)  # frozen backbones hold no trainable variables for the tape to follow
-                events.append((layer, out))
-            return out
-        return call
 
-    wrapped = []
-    with tf.GradientTape() as tape:
-        try:
-            for layer in layers:
-                layer.call = catching(layer, layer.call)
-                wrapped.append(layer)
-            probs = model(tf.convert_to_tensor(x, dtype=tf.float32), training=False)
-        finally:
-            for layer in wrapped:
-                del layer.call  # the class's own method again
-        if probs.shape[-1] == 1:  # one sigmoid unit: P(class 1)
-            score = probs[:, 0] if class_index == 1 else 1.0 - probs[:, 0]
-        else:
-            score = probs[:, class_index]
-    target = _target(events)
-    if target is None:
-        raise ValueError(f"{model.name}: no convolutional feature map Keras can see (a TF-Hub module's layers "
-                         "are opaque), so no heat map")
-    grads = tape.gradient(score, target[1])
-    if grads is None:
-        raise ValueError(f"{model.name}: the score does not depend on {target[0].name}")
-    maps = np.asarray(target[1])[0]  # (*spatial, channels)
-    weights = np.asarray(grads)[0].mean(axis=tuple(range(maps.ndim - 1)))
-    cam = np.maximum((maps * weights).sum(axis=-1), 0.0)
-    spatial = x.shape[1:-1] if x.ndim == maps.ndim + 1 else x.shape[1:]
-    cam = zoom(cam, [s / c for s, c in zip(spatial, cam.shape)], order=1)
-    peak = float(cam.max())
-    return (cam / peak if peak > 0 else np.zeros_like(cam)).astype(np.float32), target[0].name
+# Per model and class, its traced gradient functions (tf.function), made on first use: tracing runs
+# the model once with its layers' calls wrapped; every later call runs the graph instead of Keras
+# layer by layer in Python, several times faster at the scorer's sizes. Keyed weakly, and the
+# functions hold the model only weakly, so a model the cache forgets takes its functions with it.
+_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _traced(model, kind: str, class_index: int):
+    """``(function, meta)`` of ``kind`` ("cam": the target map and its gradient; "input": the input's
+    gradient) for ``class_index``. A model already found to have no feature map raises NoFeatureMap
+    at once, not after tracing again."""
+    mine = _functions.setdefault(model, {})
+    if kind == "cam" and "no_map" in mine:
+        raise mine["no_map"]
+    if (kind, class_index) not in mine:
+        make = _cam_function if kind == "cam" else _input_function
+        mine[(kind, class_index)] = make(weakref.ref(model), class_index)
+    return mine[(kind, class_index)]
+
+
+def _cam_function(ref, class_index: int):
+    import tensorflow as tf
+
+    meta: dict[str, str] = {}
+
+    @tf.function(reduce_retracing=True, autograph=False)  # plain Python at trace time: its errors propagate as raised
+    def run(x):
+        model = ref()
+        events: list[tuple[Any, Any]] = []
+
+        def catching(layer, original):
+            def call(*args, **kwargs):
+                out = original(*args, **kwargs)
+                if tf.is_tensor(out):
+                    tape.watch(out)  # frozen backbones hold no trainable variables for the tape to follow
+                    events.append((layer, out))
+                return out
+            return call
+
+        wrapped = []
+        with tf.GradientTape() as tape:
+            try:
+                for layer in _leaves(model):
+                    layer.call = catching(layer, layer.call)
+                    wrapped.append(layer)
+                probs = model(x, training=False)
+            finally:
+                for layer in wrapped:
+                    del layer.call  # the class's own method again
+            score = tf.reduce_sum(_score(probs, class_index))  # items are independent: per-item gradients
+        target = _target(events)
+        if target is None:
+            raise NoFeatureMap(f"{model.name}: no convolutional feature map Keras can see (a TF-Hub module's "
+                               "layers are opaque), so no Grad-CAM")
+        grads = tape.gradient(score, target[1])
+        if grads is None:
+            raise ValueError(f"{model.name}: the score does not depend on {target[0].name}")
+        meta["layer"] = target[0].name
+        return target[1], grads
+
+    return run, meta
+
+
+def _input_function(ref, class_index: int):
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True, autograph=False)  # plain Python at trace time: its errors propagate as raised
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            score = tf.reduce_sum(_score(ref()(x, training=False), class_index))
+        return tape.gradient(score, x)
+
+    return run, {}
+
+
+def _score(outputs, class_index: int):
+    """The class's score per batch item: its output unit, or for one sigmoid unit P(class 1) or 1 - P."""
+    if outputs.shape[-1] == 1:
+        return outputs[:, 0] if class_index == 1 else 1.0 - outputs[:, 0]
+    return outputs[:, class_index]
+
+
+def smooth_grad(model, x: np.ndarray, class_index: int, samples: int = SMOOTHGRAD_SAMPLES,
+                noise: float = SMOOTHGRAD_NOISE, seed: int = 0) -> np.ndarray:
+    """SmoothGrad saliency of ``class_index`` for one model input ``x`` (a batch of one): the mean
+    absolute gradient of the class's score with respect to the input over ``samples`` copies with
+    Gaussian noise (``noise`` of the input's range), the largest over colour channels, smoothed
+    with a Gaussian of 1/50 of the smaller side, scaled to [0, 1]. Any differentiable model."""
+    import tensorflow as tf
+    from scipy.ndimage import gaussian_filter
+
+    run, _ = _traced(model, "input", class_index)
+    x = np.asarray(x, dtype=np.float32)
+    spread = noise * (float(x.max() - x.min()) or 1.0)
+    rng = np.random.default_rng(seed)  # the same scan gives the same picture every night
+    total = np.zeros(x.shape[1:], np.float64)
+    for start in range(0, samples, SMOOTHGRAD_BATCH):
+        n = min(SMOOTHGRAD_BATCH, samples - start)
+        noisy = tf.convert_to_tensor(x + rng.normal(0.0, spread, (n, *x.shape[1:])).astype(np.float32))
+        total += np.abs(np.asarray(run(noisy))).sum(axis=0)  # items are independent: per-item gradients
+    # A trailing axis of at most 4 is colour (RGB, grey): the map is per pixel or voxel.
+    sal = total.max(axis=-1) if x.ndim >= 4 and x.shape[-1] <= 4 else total
+    sal = gaussian_filter(sal / samples, sigma=max(1.0, min(sal.shape) / 50))
+    peak = float(sal.max())
+    return (sal / peak if peak > 0 else np.zeros_like(sal)).astype(np.float32)
+
+
+def heat_map(model, x: np.ndarray, class_index: int) -> tuple[np.ndarray, str]:
+    """Where the model looked for ``class_index`` in ``x`` and how that was found: Grad-CAM on its
+    last convolutional map, or SmoothGrad on the input when it has none Keras can see."""
+    try:
+        cam, layer = grad_cam_with_target(model, x, class_index)
+        return cam, f"Grad-CAM on {layer}"
+    except NoFeatureMap:
+        return smooth_grad(model, x, class_index), (
+            f"SmoothGrad on the input pixels ({SMOOTHGRAD_SAMPLES} noisy copies): the model's convolutions are "
+            "inside an opaque module")
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -199,7 +315,8 @@ def keras_model(bundle):
     from lung_models.fileutil import sha256_file
 
     path = Path(bundle.path) / "model.keras"
-    expected = (bundle.card.get("files") or {}).get("model.keras", {}).get("sha256", "")
+    recorded = bundle.card.get("files") or {}
+    expected = recorded.get("model.keras", {}).get("sha256", "")
     key = (str(path), expected)
     with _models_lock:
         if key not in _models:
@@ -210,11 +327,14 @@ def keras_model(bundle):
                 if not expected:
                     raise ValueError(f"{bundle.name} {bundle.version}: its card records no sha256 of model.keras "
                                      "(exported before heat maps); re-export it to explain its scans")
-                actual = sha256_file(path)
-                if actual != expected:
-                    raise ValueError(f"{path}: sha256 {actual[:12]}... is not the {expected[:12]}... its export "
-                                     "recorded; the bundle was changed after export")
-                _models[key] = _load(path)
+                hub = [name for name in recorded if name.startswith(HUB_DIR + "/")]
+                for name in ["model.keras", *hub]:
+                    actual = sha256_file(Path(bundle.path) / name)
+                    if actual != recorded[name]["sha256"]:
+                        raise ValueError(f"{Path(bundle.path) / name}: sha256 {actual[:12]}... is not the "
+                                         f"{recorded[name]['sha256'][:12]}... its export recorded; the bundle was "
+                                         "changed after export")
+                _models[key] = _load(path, Path(bundle.path) / HUB_DIR if hub else None)
             except Exception as exc:  # noqa: BLE001 - remembered: not tried again for every flagged scan
                 _models[key] = exc
         found = _models[key]
@@ -223,16 +343,42 @@ def keras_model(bundle):
     return found
 
 
-def _load(path: Path):
-    import importlib
-
+def _load(path: Path, hub_dir: Path | None = None):
+    """Load ``model.keras`` in safe mode. A TF-Hub module's layer names the SavedModel it loads, which
+    Keras refuses in safe mode (its graph could be anything); with ``hub_dir`` (the bundle's copy,
+    checked by the caller against the export's hashes) that copy is loaded instead of the path the
+    training host had."""
     import keras
 
     from lung_models import registry
+    from lung_models.models.blocks import VERIFIED_MODULE  # importing it registers the custom layers by name
 
     registry.load_all()
-    importlib.import_module(registry.KERAS_MODULE)  # the families' custom layers, registered by name
-    return keras.models.load_model(path, safe_mode=True)
+    token = VERIFIED_MODULE.set(str(hub_dir) if hub_dir is not None else None)
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except ValueError as exc:
+        if "TFSMLayer" in str(exc):  # a bundle exported before its module was bundled
+            raise ValueError(f"{path}: the model calls a TF-Hub module its bundle does not hold (exported before "
+                             f"modules were bundled); re-export it to explain its scans") from None
+        raise
+    finally:
+        VERIFIED_MODULE.reset(token)
+
+
+def hub_module_files(model) -> dict[str, Path]:
+    """The files of the TF-Hub SavedModel ``model`` calls (``HubFeatures``), by their name in a bundle
+    (under ``HUB_DIR``): the export copies them so the heat maps' loader never follows a path of the
+    training host. Empty for a model without one."""
+    found: dict[str, Path] = {}
+    modules = {str(layer.filepath) for layer in _leaves(model) if type(layer).__name__ == "HubFeatures"}
+    if len(modules) > 1:
+        raise ValueError(f"{model.name}: calls {len(modules)} TF-Hub modules; a bundle holds one")
+    for module in modules:
+        for file in sorted(Path(module).rglob("*")):
+            if file.is_file():
+                found[f"{HUB_DIR}/{file.relative_to(module).as_posix()}"] = file
+    return found
 
 
 def forget_models(keep: list[str]) -> None:
@@ -261,7 +407,7 @@ class Explainer:
         x = inputs[pick:pick + 1]
         model = keras_model(bundle)
         with _models_lock:  # one pass at a time in this process: the layers' calls are wrapped during it
-            cam = grad_cam(model, x, class_index)
+            cam, method = heat_map(model, x, class_index)
         rel = heatmap_name(bundle.name, bundle.version, key, sha256)
         path = self.output_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +415,11 @@ class Explainer:
         scale = -(-MIN_SIDE // min(picture.size))
         if scale > 1:  # a small model input (the demo's 96 px) would be a stamp on the page
             picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BILINEAR)
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()  # the picture says what drew it, wherever it is copied to
+        info.add_text("Description", f"{method}: where {bundle.name} {bundle.version} looked for "
+                                     f"{bundle.class_names[class_index]}")
         with atomic_writer(path, binary=True) as handle:
-            picture.save(handle, format="PNG")
+            picture.save(handle, format="PNG", pnginfo=info)
         return rel

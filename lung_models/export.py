@@ -241,6 +241,7 @@ def export_bundle(spec: ModelSpec, model, *, test_x: np.ndarray, params: dict[st
         onnx.save(proto, str(onnx_path))
         card["onnx_sha256"] = sha256_file(onnx_path)
         for name, src in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)  # a TF-Hub module's folders
             shutil.copy2(src, staging / name)
         # What the export wrote, so a reader (the heat maps' loader of model.keras) can tell it unchanged.
         card["files"] = {name: {"sha256": sha256_file(staging / name)} for name in sorted(files)}

@@ -19,7 +19,12 @@ Sections:
   volume a 512x512x120 int16 .nii.gz: the bare read of its voxels against the scorer's whole decode
          (read, HU, check, reorient) plus the 3-D model's preprocessing (goal: <= 1.3x the bare read);
   arena  per model, the scorer's sessions (one CPU arena shared by the process) against sessions with an
-         arena of their own, alternating on the same batch in this one process.
+         arena of their own, alternating on the same batch in this one process;
+  explain heat maps (--explain): per bundle, one flagged scan's heat map (Keras pass under a gradient tape,
+         picture, PNG) against scoring one input with ONNX Runtime, and what a night of 10,000 inputs with
+         10 % flagged would spend on each; then per model at its documented input size (random weights: the
+         cost does not depend on them) a heat map against a traced Keras forward pass of one input, with
+         SmoothGrad (what an opaque TF-Hub module gets) beside Grad-CAM.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-SECTIONS = ("raw", "tf", "night", "flow", "rss", "arena", "workers", "volume")
+SECTIONS = ("raw", "tf", "night", "flow", "rss", "arena", "workers", "volume", "explain")
 
 
 def _bundles(exports: str, names: list[str] | None = None):
@@ -221,6 +226,66 @@ def tf_rates(bundles, batch_size: int, ort: dict[str, float]) -> None:
         best = max(found, key=found.get)
         print(f"tf     {name:26s} " + ", ".join(f"{k} {v:6.1f}" for k, v in found.items())
               + f" inputs/s; ORT / best TF ({best}) = {ort[name] / found[best]:.2f}", flush=True)
+        del model
+        keras.backend.clear_session()
+
+
+def _best_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: tracing, first allocations
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def explain_costs(bundles, rates: dict[str, float], work: Path, night_inputs: int = 10_000,
+                  flagged_share: float = 0.1) -> None:
+    import inspect
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from lung_models import explain, registry
+
+    explainer = explain.Explainer(work / "explain-out")
+    for name, bundle in bundles.items():
+        x = _batch(bundle, 1)
+        probs = np.full((1, len(bundle.class_names)), 1.0 / len(bundle.class_names), np.float32)
+        started = time.perf_counter()
+        try:
+            explain.keras_model(bundle)
+        except Exception as exc:  # noqa: BLE001 - reported, the other bundles still measured
+            print(f"explain {name:26s} no Keras model ({type(exc).__name__}: {exc}): skipped", flush=True)
+            continue
+        loaded = time.perf_counter() - started
+        one = _best_seconds(lambda b=bundle, v=x, p=probs: explainer.explain(b, f"bench/{b.name}", "0" * 64, v, p, 1))
+        scoring, heat = night_inputs / rates[name], night_inputs * flagged_share * one
+        print(f"explain {name:26s} input {'x'.join(map(str, _input_shape(bundle)))}: model load {loaded:.1f} s once, "
+              f"one heat map {one:.3f} s = scoring {one * rates[name]:.0f} inputs with ORT; a night of "
+              f"{night_inputs:,} inputs, {flagged_share:.0%} flagged: scoring {scoring / 60:.1f} min, heat maps "
+              f"{heat / 60:.1f} min ({heat / scoring:.2f}x)",
+              flush=True)
+    explain.forget_models([])
+    keras.backend.clear_session()
+    registry.load_all()
+    for name in bundles:
+        entry = registry.get(name)
+        shape = tuple(entry.spec.input_shape)
+        if name == "chest-ensemble":  # its submodels' heat map: the first one's (see explain._target)
+            continue
+        options = {"weights": "random"} if "weights" in inspect.signature(entry.build).parameters else {}
+        model = entry.build(entry.spec, input_shape=shape, **options)
+        x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+        traced = tf.function(lambda v, m=model: m(v, training=False))  # a graph, as the heat maps' functions are
+        forward = _best_seconds(lambda f=traced, v=x: f(v).numpy())
+        cam = _best_seconds(lambda m=model, v=x: explain.heat_map(m, v, 1))
+        smooth = _best_seconds(lambda m=model, v=x: explain.smooth_grad(m, v, 1), repeats=1)
+        print(f"explain {name:26s} documented input {'x'.join(map(str, shape))}: forward pass {forward:.3f} s, "
+              f"Grad-CAM {cam:.2f} s ({cam / forward:.1f}x), SmoothGrad {smooth:.2f} s ({smooth / forward:.1f}x)",
+              flush=True)
         del model
         keras.backend.clear_session()
 
@@ -456,7 +521,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     bundles = _bundles(args.exports, args.models)
     print(f"bundles: {', '.join(f'{n} {b.version}' for n, b in bundles.items())}; scratch: {work}", flush=True)
-    rates = raw_rates(bundles, args.batch_size) if {"raw", "tf", "night"} & set(args.only) else {}
+    rates = raw_rates(bundles, args.batch_size) if {"raw", "tf", "night", "explain"} & set(args.only) else {}
     if "tf" in args.only:
         tf_rates(bundles, args.batch_size, rates)
     if "night" in args.only:
@@ -469,6 +534,8 @@ def main() -> None:
         volume_read(bundles, work)
     if "arena" in args.only:
         arena_rates(bundles, args.batch_size)
+    if "explain" in args.only:
+        explain_costs(bundles, rates, work)
     if "rss" in args.only:
         rss(work, args.exports, args.model, args.workers, sorted(args.sizes))
 

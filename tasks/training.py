@@ -11,7 +11,7 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from lung_models import calibration, crossval, drift, evaluation, export, preprocess, registry, training
+from lung_models import calibration, crossval, drift, evaluation, explain, export, preprocess, registry, training
 from lung_models.data.datasets import SPLITS, PreparedData
 from lung_models.fileutil import atomic_write_json, utc_stamp
 from lung_models.training import release_tensorflow_memory
@@ -213,7 +213,7 @@ def _export(model_name: str, prepared: str, trained: dict[str, Any], metrics_pat
              "history.json": Path(trained["history"]), "training_curves.png": run / "training_curves.png",
              "confusion_matrix.png": run / "confusion_matrix.png", "roc.png": run / "roc.png",
              "reliability.png": run / "reliability.png", drift.REFERENCE_NAME: run / drift.REFERENCE_NAME,
-             "model.keras": Path(trained["checkpoint"])}
+             "model.keras": Path(trained["checkpoint"]), **explain.hub_module_files(model)}
     bundle = export.export_bundle(spec, model, test_x=x_test, params=data.manifest["preprocessing"],
                                   exports_root=Path(exports_dir), card_extra=card_extra, files=files,
                                   progress=say, test_y=y_test, calib_x=None if smoke else x_train,

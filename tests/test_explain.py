@@ -80,29 +80,78 @@ def test_the_last_convolutional_feature_map_is_found_inside_nested_models():
     assert not any("call" in vars(lay) for lay in inner.layers)  # every layer's own method again
     flat_in = keras.Input((16, 16, 3))
     no_conv = keras.Model(flat_in, layers.Dense(2)(layers.Flatten()(flat_in)))
-    with pytest.raises(ValueError, match="no convolutional feature map"):
+    with pytest.raises(explain.NoFeatureMap, match="no convolutional feature map"):
         explain.grad_cam(no_conv, x, 0)
 
 
+def test_a_model_whose_convolutions_are_inside_a_tf_hub_module_gets_a_smoothgrad_map(tmp_path):
+    """ct-inception-hub as users run it: the module is a SavedModel called as one Keras layer, so no
+    convolution is in sight. Its bundle carries a copy of the module (Keras' safe mode refuses to load
+    a SavedModel from a path the model names); loaded from the bundle as the scorer does, with the
+    training host's copy gone, it still gets a heat map, from the input's gradients, and says so."""
+    import shutil
+    from types import SimpleNamespace
+
+    import keras
+    from conftest import make_tiny_hub_module
+
+    from lung_models import registry
+    from lung_models.fileutil import sha256_file
+
+    hub = make_tiny_hub_module(tmp_path / "module")
+    model = registry.get("ct-inception-hub").build(input_shape=(64, 64, 3), weights=str(hub))
+    bundle = SimpleNamespace(path=tmp_path / "bundle", name="ct-inception-hub", version="v1", card={})
+    files = {"model.keras": tmp_path / "model.keras", **explain.hub_module_files(model)}
+    assert "tfhub_module/saved_model.pb" in files
+    model.save(files["model.keras"])
+    for name, src in files.items():
+        (bundle.path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, bundle.path / name)
+    bundle.card["files"] = {name: {"sha256": sha256_file(bundle.path / name)} for name in files}
+    shutil.rmtree(hub)  # the training host's module: a scoring host does not have it
+    keras.backend.clear_session()
+    explain.forget_models([])
+    loaded = explain.keras_model(bundle)
+    x = np.random.default_rng(1).uniform(0, 255, (1, 64, 64, 3)).astype("float32")
+    with pytest.raises(explain.NoFeatureMap):
+        explain.grad_cam(loaded, x, 1)
+    cam, method = explain.heat_map(loaded, x, 1)
+    assert method.startswith("SmoothGrad") and "opaque" in method
+    assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
+    again, _ = explain.heat_map(loaded, x, 1)
+    np.testing.assert_array_equal(cam, again)  # the same scan, the same picture, night after night
+    # A module changed after export is refused like a changed model.keras.
+    with open(bundle.path / "tfhub_module" / "saved_model.pb", "ab") as handle:
+        handle.write(b"\0")
+    explain.forget_models([])
+    with pytest.raises(ValueError, match="changed after export"):
+        explain.keras_model(bundle)
+    explain.forget_models([])
+
+
 def test_the_heat_map_peak_falls_inside_the_tumour_far_more_often_than_chance(trained):
+    """Both methods, on the same flagged slices: Grad-CAM (what every model with a visible convolution
+    gets) and SmoothGrad (what a model with an opaque TF-Hub module gets instead)."""
     x, y, masks = _data(seed=23, n=160)
     probs = trained.predict(x, verbose=0)
     accuracy = float((probs.argmax(1) == y).mean())
-    hits, chance, flagged = [], [], 0
+    hits, chance = {"Grad-CAM": [], "SmoothGrad": []}, []
     for i in np.flatnonzero((y == 1) & (probs.argmax(1) == 1)):
         if masks[i].sum() < 4:  # a tumour the slice barely shows (cut at its edge): nothing to point at
             continue
-        flagged += 1
         region = binary_dilation(masks[i], iterations=DILATE)
-        cam = explain.grad_cam(trained, x[i:i + 1], 1)
-        peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-        hits.append(bool(region[peak]))
+        for method, cam in (("Grad-CAM", explain.grad_cam(trained, x[i:i + 1], 1)),
+                            ("SmoothGrad", explain.smooth_grad(trained, x[i:i + 1], 1))):
+            hits[method].append(bool(region[np.unravel_index(int(np.argmax(cam)), cam.shape)]))
         chance.append(float(region.mean()))  # where a random point of the slice would land
-    rate, chance_rate = float(np.mean(hits)), float(np.mean(chance))
-    print(f"accuracy {accuracy:.3f}; Grad-CAM peak inside the tumour (dilated {DILATE} px) in {sum(hits)}/{flagged} "
-          f"flagged cancerous slices = {rate:.3f}; a random point: {chance_rate:.3f}")
+    flagged, chance_rate = len(chance), float(np.mean(chance))
+    rates = {method: float(np.mean(h)) for method, h in hits.items()}
+    print(f"accuracy {accuracy:.3f}; peak inside the tumour (dilated {DILATE} px) in {flagged} flagged cancerous "
+          "slices: " + ", ".join(f"{m} {sum(h)} = {rates[m]:.3f}" for m, h in hits.items())
+          + f"; a random point: {chance_rate:.3f}")
     assert accuracy > 0.65 and flagged >= 20  # the model learnt the task, so there is something to explain
-    assert rate > 3 * chance_rate
+    for method, rate in rates.items():
+        assert rate > 3 * chance_rate, method
 
 
 def test_a_volume_is_shown_on_the_axial_slices_where_its_map_is_strongest():

@@ -10,6 +10,7 @@ done to them outside. The custom layers are registered with Keras under the pack
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import keras
@@ -61,6 +62,11 @@ class ChannelNormalization(keras.layers.Layer):
         return {**super().get_config(), "channels": self.channels}
 
 
+# The TF-Hub module folder a HubFeatures layer is rebuilt from while loading a bundle's model.keras
+# (set by lung_models.explain around that load only).
+VERIFIED_MODULE: contextvars.ContextVar[str | None] = contextvars.ContextVar("verified_hub_module", default=None)
+
+
 @keras.saving.register_keras_serializable(package="lung_models")
 class HubFeatures(keras.layers.TFSMLayer):
     """A TF-Hub image feature-vector module as a trainable Keras 3 layer.
@@ -80,6 +86,15 @@ class HubFeatures(keras.layers.TFSMLayer):
         super().__init__(filepath, call_endpoint=endpoint, **kwargs)
         for variable in self.weights:
             variable._path = variable.path.replace(":", "_")
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None, safe_mode=None):
+        # Keras' safe mode refuses a SavedModel named by path; the heat maps' loader sets the bundle's
+        # own copy of the module, checked against the export's hashes, and only then is it loaded.
+        module = VERIFIED_MODULE.get()
+        if module is not None:
+            return cls(**{**config, "filepath": module})
+        return super().from_config(config, custom_objects=custom_objects, safe_mode=safe_mode)
 
     def call(self, inputs, training=False, **kwargs):
         out = super().call(inputs, training=training, **kwargs)

@@ -137,7 +137,7 @@ def write_night_report(output_dir: str | Path, input_dir: str | Path, night_csv:
                 log.warning("report: no thumbnail of %s (%s)", row["relative_path"], exc)
                 thumbs[key] = ""
         row["thumbnail"] = thumbs[key]
-        row["heatmap_uri"] = _heatmap_uri(out, row.get("heatmap", ""))
+        row["heatmap_uri"], row["heatmap_method"] = _heatmap(out, row.get("heatmap", ""))
         shown += 1
     page = _render(summary, night_csv, stamp, inp, skipped or [], Path(cumulative) if cumulative else None,
                    max_thumbnails, drift)
@@ -146,12 +146,13 @@ def write_night_report(output_dir: str | Path, input_dir: str | Path, night_csv:
     return path
 
 
-def _heatmap_uri(output_dir: Path, rel: str) -> str:
-    """The row's heat map (a PNG the scorer wrote under ``OUT/heatmaps``) as a data URI, "" without
-    one. Only a PNG of at most ``MAX_HEATMAP_BYTES`` inside the heat maps' folder is embedded: a
-    cell naming anything else (a crafted row in a shared ledger) is not followed."""
+def _heatmap(output_dir: Path, rel: str) -> tuple[str, str]:
+    """The row's heat map (a PNG the scorer wrote under ``OUT/heatmaps``) as a data URI and what drew
+    it (the PNG's ``Description``), ("", "") without one. Only a PNG of at most ``MAX_HEATMAP_BYTES``
+    inside the heat maps' folder is embedded: a cell naming anything else (a crafted row in a shared
+    ledger) is not followed."""
     if not rel:
-        return ""
+        return "", ""
     folder = (output_dir / HEATMAP_DIR).resolve()
     path = (output_dir / rel).resolve()
     try:
@@ -161,10 +162,14 @@ def _heatmap_uri(output_dir: Path, rel: str) -> str:
         data = path.read_bytes()
         if not data.startswith(b"\x89PNG"):
             raise ValueError("not a PNG")
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as picture:
+            method = str(getattr(picture, "text", {}).get("Description", ""))[:300]
     except (OSError, ValueError) as exc:  # its picture is lost, not the page
         log.warning("report: heat map %s not shown (%s)", rel, exc)
-        return ""
-    return _data_uri(data)
+        return "", ""
+    return _data_uri(data), method
 
 
 def page_name(night_csv: str | Path) -> str:
@@ -247,7 +252,8 @@ def _render(summary: dict[str, Any], night_csv: Path, stamp: str, input_dir: Pat
                    else "<p class='warn'>no picture: the file could not be read again</p>")
             if r.get("heatmap_uri"):
                 img += (f"<img class='heat' alt='heat map of {e(r['relative_path'])}' src='{r['heatmap_uri']}'"
-                        f" title='Grad-CAM: where {e(model)} looked for {e(r['predicted_class'])}'>")
+                        f" title='{e(r.get('heatmap_method') or 'heat map')}'>"
+                        f"<div class='note'>{e((r.get('heatmap_method') or '').split(':')[0])}</div>")
             parts.append(f"<div class='card'>{img}<div class='cls'>{e(r['predicted_class'])} "
                          f"{float(r['probability'] or 0):.3f}</div><div class='path'>{e(r['relative_path'])}</div>"
                          f"<div class='note'><a href='{e(night_csv.name)}'>row {r['row_number']}</a>"

@@ -27,6 +27,15 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
               "training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png", "model.keras"):
         assert (path / f).is_file(), f
     card = bundle.card
+    # Every copied file's hash is recorded; a model calling a TF-Hub module carries the module itself
+    # (the heat maps' loader never follows a path of the training host).
+    assert all(card["files"][f]["sha256"] == sha256_file(path / f) for f in card["files"])
+    bundled_module = sorted(f for f in card["files"] if f.startswith("tfhub_module/"))
+    if name == "ct-inception-hub":
+        assert "tfhub_module/saved_model.pb" in bundled_module
+        assert len(bundled_module) == sum(1 for f in Path(factory["hub"]).rglob("*") if f.is_file())
+    else:
+        assert not bundled_module
     assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
     assert card["parity"]["class_mismatches"] == 0 and card["parity"]["items"] == card["metrics"]["n"] > 0
     assert card["onnx_sha256"] == sha256_file(path / "model.onnx")
