@@ -10,9 +10,10 @@ unflipped view. The gradient of the predicted class's score with respect to that
 over its spatial axes, weighs its channels; their weighted sum, kept where positive and resized
 to the input, is the heat map.
 
-The map is caught by wrapping every layer's ``call`` for the duration of one forward pass under a
-gradient tape: a wrapped call returns the very tensor the rest of the model uses, so the tape can
-differentiate with respect to it.
+The map is caught by wrapping every layer's ``call`` while the gradient function is traced (once
+per model and class, ``tf.function``): a wrapped call returns the very tensor the rest of the
+model uses, so the tape can differentiate with respect to it, and the traced graph keeps that
+without the wrapping.
 
 A model whose convolutions Keras cannot see (``ct-inception-hub`` with its TF-Hub module, a
 SavedModel called as one layer) has no map to weigh; its heat map is SmoothGrad (Smilkov et al.
@@ -118,8 +119,8 @@ def grad_cam_batch(model, x: np.ndarray, class_index: int) -> tuple[np.ndarray, 
     run, meta = _traced(model, "cam", class_index)
     try:
         maps, grads = (np.asarray(t) for t in run(tf.convert_to_tensor(x, dtype=tf.float32)))
-    except NoFeatureMap as exc:  # found while tracing: remembered
-        _functions[model]["no_map"] = exc
+    except NoFeatureMap as exc:  # found while tracing: remembered (its text only: the exception's
+        _functions[model]["no_map"] = str(exc)  # traceback holds this frame, hence the model, alive)
         raise
     spatial = x.shape[1:-1] if x.ndim == maps.ndim else x.shape[1:]
     cams = []
@@ -144,7 +145,7 @@ def _traced(model, kind: str, class_index: int):
     at once, not after tracing again."""
     mine = _functions.setdefault(model, {})
     if kind == "cam" and "no_map" in mine:
-        raise mine["no_map"]
+        raise NoFeatureMap(mine["no_map"])
     if (kind, class_index) not in mine:
         make = _cam_function if kind == "cam" else _input_function
         mine[(kind, class_index)] = make(weakref.ref(model), class_index)
@@ -187,7 +188,7 @@ def _cam_function(ref, class_index: int):
                                "layers are opaque), so no Grad-CAM")
         grads = tape.gradient(score, target[1])
         if grads is None:
-            raise ValueError(f"{model.name}: the score does not depend on {target[0].name}")
+            raise NoFeatureMap(f"{model.name}: the score does not depend on {target[0].name}, so no Grad-CAM")
         meta["layer"] = target[0].name
         return target[1], grads
 
@@ -232,8 +233,9 @@ def smooth_grad(model, x: np.ndarray, class_index: int, samples: int = SMOOTHGRA
         n = min(SMOOTHGRAD_BATCH, samples - start)
         noisy = tf.convert_to_tensor(x + rng.normal(0.0, spread, (n, *x.shape[1:])).astype(np.float32))
         total += np.abs(np.asarray(run(noisy))).sum(axis=0)  # items are independent: per-item gradients
-    # A trailing axis of at most 4 is colour (RGB, grey): the map is per pixel or voxel.
-    sal = total.max(axis=-1) if x.ndim >= 4 and x.shape[-1] <= 4 else total
+    # Every model here takes (batch, *spatial, channels) (Conv2D and Conv3D need the channel axis),
+    # a rank-3 input being a grey slice without one: the map is per pixel or voxel.
+    sal = total.max(axis=-1) if x.ndim >= 4 else total
     sal = gaussian_filter(sal / samples, sigma=max(1.0, min(sal.shape) / 50))
     peak = float(sal.max())
     return (sal / peak if peak > 0 else np.zeros_like(sal)).astype(np.float32)
@@ -304,14 +306,16 @@ def heatmap_name(model: str, version: str, key: str, sha256: str) -> str:
 
 
 # The Keras models of the bundles this process explains with, loaded once and kept for the shards
-# after (a Dask worker lives for many); a model that cannot be loaded is remembered with its error.
+# after (a Dask worker lives for many); a model that cannot be loaded is remembered by its error's
+# type and text (not the exception: its traceback would keep every frame it passed through alive).
 _models_lock = threading.Lock()
 _models: dict[tuple[str, str], Any] = {}
 
 
 def keras_model(bundle):
     """The bundle's Keras model, checked against the sha256 its export recorded and loaded in Keras'
-    safe mode (a scoring host never runs deserialised code). Raises what stops it, every time."""
+    safe mode: no deserialised Python runs; a TF-Hub model's SavedModel graph (TensorFlow ops) runs
+    from the bundle's own copy, every file of it checked. Raises what stops it, every time."""
     from lung_models.fileutil import sha256_file
 
     path = Path(bundle.path) / "model.keras"
@@ -327,7 +331,7 @@ def keras_model(bundle):
                 if not expected:
                     raise ValueError(f"{bundle.name} {bundle.version}: its card records no sha256 of model.keras "
                                      "(exported before heat maps); re-export it to explain its scans")
-                hub = [name for name in recorded if name.startswith(HUB_DIR + "/")]
+                hub = _hub_files(Path(bundle.path), recorded)
                 for name in ["model.keras", *hub]:
                     actual = sha256_file(Path(bundle.path) / name)
                     if actual != recorded[name]["sha256"]:
@@ -336,11 +340,48 @@ def keras_model(bundle):
                                          "changed after export")
                 _models[key] = _load(path, Path(bundle.path) / HUB_DIR if hub else None)
             except Exception as exc:  # noqa: BLE001 - remembered: not tried again for every flagged scan
-                _models[key] = exc
+                _models[key] = _Failed(type(exc), str(exc))
         found = _models[key]
-    if isinstance(found, Exception):
-        raise found
+    if isinstance(found, _Failed):
+        raise found.error()
     return found
+
+
+class _Failed(tuple):
+    """Why a bundle's model could not be loaded: raised anew, as its own type where it can be."""
+
+    def __new__(cls, kind: type, text: str):
+        return super().__new__(cls, (kind, text))
+
+    def error(self) -> Exception:
+        kind, text = self
+        try:
+            return kind(text)
+        except Exception:  # noqa: BLE001 - a type that wants other arguments
+            return RuntimeError(text)
+
+
+def _hub_files(root: Path, recorded: dict[str, Any]) -> list[str]:
+    """The bundle's TF-Hub module files its card lists, checked to be exactly what the folder holds:
+    every name inside ``HUB_DIR`` (no ``..``, no absolute path), no file on disk left unlisted (the
+    SavedModel loader reads the whole folder), no link, and ``saved_model.pb`` among them."""
+    listed = sorted(name for name in recorded if name.startswith(HUB_DIR + "/"))
+    folder = root / HUB_DIR
+    if not listed and not folder.exists():
+        return []
+    base = folder.resolve()
+    for name in listed:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (root / name).resolve().is_relative_to(base):
+            raise ValueError(f"{root}: its card lists {name!r} outside {HUB_DIR}/; the card was changed after export")
+    on_disk = sorted(f"{HUB_DIR}/{f.relative_to(folder).as_posix()}" for f in folder.rglob("*")
+                     if f.is_file() or f.is_symlink())
+    if any((folder / n.removeprefix(HUB_DIR + "/")).is_symlink() for n in on_disk):
+        raise ValueError(f"{folder}: holds a symbolic link; a bundle's module is plain files, as exported")
+    if on_disk != listed or f"{HUB_DIR}/saved_model.pb" not in listed:
+        extra, missing = sorted(set(on_disk) - set(listed)), sorted(set(listed) - set(on_disk))
+        raise ValueError(f"{folder}: the files do not match the export's list (not listed: {extra[:3]}, missing: "
+                         f"{missing[:3]}); the bundle was changed after export, re-export it")
+    return listed
 
 
 def _load(path: Path, hub_dir: Path | None = None):
@@ -406,7 +447,7 @@ class Explainer:
         pick = int(np.argmax(np.asarray(probs).reshape(len(inputs), -1)[:, class_index]))
         x = inputs[pick:pick + 1]
         model = keras_model(bundle)
-        with _models_lock:  # one pass at a time in this process: the layers' calls are wrapped during it
+        with _models_lock:  # one at a time: a first call traces with the layers' calls wrapped
             cam, method = heat_map(model, x, class_index)
         rel = heatmap_name(bundle.name, bundle.version, key, sha256)
         path = self.output_dir / rel

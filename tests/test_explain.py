@@ -78,10 +78,22 @@ def test_the_last_convolutional_feature_map_is_found_inside_nested_models():
     assert layer == "block_out"  # the block's output, after its activation, inside the nested model
     assert cam.shape == (16, 16) and 0 <= cam.min() and cam.max() <= 1
     assert not any("call" in vars(lay) for lay in inner.layers)  # every layer's own method again
+    explain.grad_cam(outer, x + 1, 1)
+    assert explain._functions[outer][("cam", 1)][0].experimental_get_tracing_count() == 1  # traced once, run twice
     flat_in = keras.Input((16, 16, 3))
     no_conv = keras.Model(flat_in, layers.Dense(2)(layers.Flatten()(flat_in)))
-    with pytest.raises(explain.NoFeatureMap, match="no convolutional feature map"):
-        explain.grad_cam(no_conv, x, 0)
+    for _ in range(2):  # the second time from what the first trace found, without tracing again
+        with pytest.raises(explain.NoFeatureMap, match="no convolutional feature map"):
+            explain.grad_cam(no_conv, x, 0)
+    assert explain._functions[no_conv]["no_map"].startswith(no_conv.name)
+    # The functions hold their model weakly: a model nobody holds goes, and its functions with it.
+    import gc
+    import weakref
+
+    gone = weakref.ref(no_conv)
+    del no_conv
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_model_whose_convolutions_are_inside_a_tf_hub_module_gets_a_smoothgrad_map(tmp_path):
@@ -120,12 +132,28 @@ def test_a_model_whose_convolutions_are_inside_a_tf_hub_module_gets_a_smoothgrad
     assert cam.shape == (64, 64) and cam.max() == pytest.approx(1.0) and cam.min() >= 0
     again, _ = explain.heat_map(loaded, x, 1)
     np.testing.assert_array_equal(cam, again)  # the same scan, the same picture, night after night
-    # A module changed after export is refused like a changed model.keras.
-    with open(bundle.path / "tfhub_module" / "saved_model.pb", "ab") as handle:
-        handle.write(b"\0")
-    explain.forget_models([])
-    with pytest.raises(ValueError, match="changed after export"):
-        explain.keras_model(bundle)
+    assert explain._functions[loaded][("input", 1)][0].experimental_get_tracing_count() == 1  # traced once
+
+    def refused(match: str):
+        explain.forget_models([])
+        with pytest.raises(ValueError, match=match):
+            explain.keras_model(bundle)
+
+    # What the loader refuses before TensorFlow reads the module: a file changed, added or listed
+    # outside the module's folder, and a bundle exported without its copy.
+    card_files = dict(bundle.card["files"])
+    pb = bundle.path / "tfhub_module" / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes() + b"\0")
+    refused("changed after export")
+    pb.write_bytes(pb.read_bytes()[:-1])
+    (bundle.path / "tfhub_module" / "variables" / "extra.bin").write_bytes(b"graph?")
+    refused("do not match the export's list")
+    (bundle.path / "tfhub_module" / "variables" / "extra.bin").unlink()
+    bundle.card["files"]["tfhub_module/../model.keras"] = card_files["model.keras"]
+    refused("outside tfhub_module")
+    bundle.card["files"] = {k: v for k, v in card_files.items() if not k.startswith("tfhub_module/")}
+    shutil.rmtree(bundle.path / "tfhub_module")
+    refused("re-export it")
     explain.forget_models([])
 
 

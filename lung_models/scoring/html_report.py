@@ -151,6 +151,8 @@ def _heatmap(output_dir: Path, rel: str) -> tuple[str, str]:
     it (the PNG's ``Description``), ("", "") without one. Only a PNG of at most ``MAX_HEATMAP_BYTES``
     inside the heat maps' folder is embedded: a cell naming anything else (a crafted row in a shared
     ledger) is not followed."""
+    from PIL import Image
+
     if not rel:
         return "", ""
     folder = (output_dir / HEATMAP_DIR).resolve()
@@ -162,11 +164,9 @@ def _heatmap(output_dir: Path, rel: str) -> tuple[str, str]:
         data = path.read_bytes()
         if not data.startswith(b"\x89PNG"):
             raise ValueError("not a PNG")
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as picture:
             method = str(getattr(picture, "text", {}).get("Description", ""))[:300]
-    except (OSError, ValueError) as exc:  # its picture is lost, not the page
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # its picture is lost, not the page
         log.warning("report: heat map %s not shown (%s)", rel, exc)
         return "", ""
     return _data_uri(data), method

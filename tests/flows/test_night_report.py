@@ -121,7 +121,6 @@ def test_the_night_page_shows_counts_and_every_thumbnail_in_chromium_and_the_art
             methods[model] = "Grad-CAM on "
         except explain.NoFeatureMap:
             methods[model] = "SmoothGrad on the input pixels"
-    assert methods.get("ct-inception-hub", "SmoothGrad").startswith("SmoothGrad")  # when flagged at all
     for r in flagged:
         assert r["heatmap"], r
         with Image.open(out / r["heatmap"]) as picture:

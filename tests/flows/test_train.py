@@ -34,6 +34,12 @@ def test_model_trains_exports_and_onnx_matches_keras(factory, name):
     if name == "ct-inception-hub":
         assert "tfhub_module/saved_model.pb" in bundled_module
         assert len(bundled_module) == sum(1 for f in Path(factory["hub"]).rglob("*") if f.is_file())
+        # The scorer's loader builds the model from that copy, in safe mode, and explains it by SmoothGrad.
+        from lung_models import explain
+
+        x = np.full((1, *card["input"]["shape"][1:]), 128, "float32")
+        cam, method = explain.heat_map(explain.keras_model(bundle), x, 1)
+        assert method.startswith("SmoothGrad") and cam.shape == x.shape[1:3]
     else:
         assert not bundled_module
     assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
