@@ -156,8 +156,9 @@ def score(input_dir: str, output_dir: str,
           precision: str = typer.Option("fp32", help="fp32 | int8 | auto (int8 where its export gate passed)"),
           include_unpromoted: bool = typer.Option(False, help="score each model's newest export even where it "
                                                   "did not pass its promotion gate (rows say promoted=no)"),
-          explain: bool = typer.Option(False, help="a Grad-CAM heat map of every flagged scan, under "
-                                       "OUTPUT_DIR/heatmaps (needs the train extra: the bundles' Keras models)"),
+          explain: bool = typer.Option(False, help="a heat map (Grad-CAM; SmoothGrad for a TF-Hub model) of every "
+                                       "flagged scan, under OUTPUT_DIR/heatmaps (needs the train extra: the "
+                                       "bundles' Keras models)"),
           no_prefect: bool = typer.Option(False, "--no-prefect", help="score in this process without Prefect: "
                                           "no temporary server to start, no run in the UI (one host, no Dask)"),
           ) -> None:
@@ -356,7 +357,7 @@ def demo(work_dir: str = typer.Option("work"), exports_dir: str = typer.Option("
 
     with open(report, newline="") as handle:
         count = sum(1 for row in csv.DictReader(handle) if row.get("heatmap"))
-    typer.echo(f"heat maps:      {count} Grad-CAM overlays of tonight's flagged scans under "
+    typer.echo(f"heat maps:      {count} heat maps of tonight's flagged scans under "
                f"{Path(report).parent / HEATMAP_DIR}")
     drift_file = Path(report).parent / "drift.json"
     if drift_file.is_file():

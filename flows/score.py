@@ -168,7 +168,7 @@ def score_folder(input_dir: str, output_dir: str, models: list[str] | None = Non
     (default: half the shard's cores). ``precision`` fp32, int8 or auto (the int8 variant where the
     export's gate passed it). Each model's promoted version (``LATEST``) is scored; with
     ``include_unpromoted`` its newest export instead, promoted or not, the rows saying which. With
-    ``explain``, each flagged scan gets a Grad-CAM heat map under ``output_dir/heatmaps`` (needs
+    ``explain``, each flagged scan gets a heat map under ``output_dir/heatmaps`` (needs
     TensorFlow, the ``train`` extra), named in its row's ``heatmap``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")

@@ -139,6 +139,23 @@ def grad_cam_batch(model, x: np.ndarray, class_index: int) -> tuple[np.ndarray, 
 _functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _OwnTracesFilter(logging.Filter):
+    """TensorFlow warns of "excessive retracing" when several tf.functions of the same code are traced
+    in a short while, which is what one function per model and class means here (each is traced once,
+    as the tests check): that warning, for these functions only, would only alarm an operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("retracing" in message and ("_cam_function.<locals>" in message
+                                                 or "_input_function.<locals>" in message))
+
+
+def _quiet_own_traces() -> None:
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _OwnTracesFilter) for f in logger.filters):
+        logger.addFilter(_OwnTracesFilter())
+
+
 def _traced(model, kind: str, class_index: int):
     """``(function, meta)`` of ``kind`` ("cam": the target map and its gradient; "input": the input's
     gradient) for ``class_index``. A model already found to have no feature map raises NoFeatureMap
@@ -147,6 +164,7 @@ def _traced(model, kind: str, class_index: int):
     if kind == "cam" and "no_map" in mine:
         raise NoFeatureMap(mine["no_map"])
     if (kind, class_index) not in mine:
+        _quiet_own_traces()
         make = _cam_function if kind == "cam" else _input_function
         mine[(kind, class_index)] = make(weakref.ref(model), class_index)
     return mine[(kind, class_index)]

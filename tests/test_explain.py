@@ -192,3 +192,19 @@ def test_a_volume_is_shown_on_the_axial_slices_where_its_map_is_strongest():
     assert picture.shape == (20, 3 * 20 + 2 * 4, 3)  # three slices with two gaps
     assert explain.heatmap_name("chest-cnn", "v1", "ward 3/scan #1.dcm", "ab" * 32) == \
         "heatmaps/chest-cnn/v1/ward_3_scan_1.dcm-abababababab.png"
+
+
+def test_tensorflows_retracing_warning_is_dropped_for_the_heat_maps_functions_only(caplog):
+    """One traced function per model and class is the design; TensorFlow's "excessive retracing"
+    warning about them would only alarm an operator. Its warning about any other function stays."""
+    import logging
+
+    explain._quiet_own_traces()
+    explain._quiet_own_traces()  # once is enough: no second filter
+    logger = logging.getLogger("tensorflow")
+    assert sum(isinstance(f, explain._OwnTracesFilter) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        logger.warning("5 out of the last 5 calls to <function _cam_function.<locals>.run at 0x1> triggered "
+                       "tf.function retracing.")
+        logger.warning("6 out of the last 6 calls to <function predict_step at 0x2> triggered tf.function retracing.")
+    assert [r.getMessage()[:40] for r in caplog.records] == ["6 out of the last 6 calls to <function p"]

@@ -194,7 +194,7 @@ class _ModelBatcher:
             log.warning("%s: no drift figures of %s (%s: %s)", self.model.name, item.key, type(exc).__name__, exc)
 
     def _heatmap(self, item: Item, staged: np.ndarray, probs: np.ndarray, predicted: str) -> str:
-        """A flagged scan's Grad-CAM heat map (``explain``), its path relative to the output folder;
+        """A flagged scan's heat map (``explain``), its path relative to the output folder;
         "" when it cannot be made (logged: the row and its probabilities stand without it)."""
         try:
             return self.explainer.explain(self.model.bundle, item.key, item.sha256, staged, probs,
