@@ -20,12 +20,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LUNG_FACTORY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """A test that uses ``factory`` or ``tuned_factory`` trains and exports every registered model
-    (once a session): that is what the ``slow`` marker names, so ``-m "not slow"`` leaves it out."""
+    (once a session): that is what the ``slow`` marker names, so ``-m "not slow"`` leaves it out.
+    Under pytest-xdist (``-n 2 --dist loadgroup``, the README's test command) the tests of each
+    fixture go to one worker, so each trains once and the two train side by side."""
     for item in items:
-        if {"factory", "tuned_factory"} & set(getattr(item, "fixturenames", ())):
+        uses = {"factory", "tuned_factory"} & set(getattr(item, "fixturenames", ()))
+        if uses:
             item.add_marker(pytest.mark.slow)
+        if len(uses) == 1:
+            item.add_marker(pytest.mark.xdist_group(uses.pop()))
 
 
 @pytest.fixture(scope="session")
